@@ -1,0 +1,26 @@
+"""PyTorch -> Flax weight conversion: one engine (engine.py), one key table per model (tables/).
+
+Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip. Each takes a path or a
+mapping name -> array and returns (config, model). Imports are lazy so that one model's loader does not
+pull in the others.
+"""
+
+from converters.engine import ConversionError
+from converters.sources import CheckpointError, UnsafeCheckpointError
+
+_LOADERS = {
+    "load_wan_dit": "converters.wan_dit",
+    "load_wan_vae": "converters.wan_vae",
+    "load_umt5": "converters.umt5",
+    "load_wan_clip": "converters.clip",
+}
+
+__all__ = ["ConversionError", "CheckpointError", "UnsafeCheckpointError", *_LOADERS]
+
+
+def __getattr__(name):
+    if name in _LOADERS:
+        import importlib
+
+        return getattr(importlib.import_module(_LOADERS[name]), name)
+    raise AttributeError(name)

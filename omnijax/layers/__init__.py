@@ -1,0 +1,1 @@
+"""Shared primitives: attention dispatch, RoPE, norms, embeddings, linear layers."""

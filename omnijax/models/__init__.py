@@ -1,0 +1,1 @@
+"""Model families: wan (DiT, VAE, umT5, CLIP vision tower)."""

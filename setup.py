@@ -1,0 +1,36 @@
+"""omnijax: layered video/image decomposition with diffusion transformers in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="omnijax",
+    version="0.1.0",
+    description="EasyOmnimatte and DiffDecompose in JAX/Flax NNX: Wan2.1 DiT, VAE, encoders, converters, trainer, samplers.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["omnijax", "omnijax.*", "converters", "converters.*", "data", "data.*",
+                                    "configs", "configs.*", "launch", "launch.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.6",
+        "orbax-checkpoint>=0.12",
+        "einops>=0.8",
+        "ml-collections>=1.0",
+        "ml-dtypes",
+        "numpy>=2",
+        "safetensors>=0.6",
+        "transformers>=5",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.9",
+        "tensorboardX>=2.6",
+        "av>=14",
+        "pillow",
+        "tqdm",
+        "absl-py",
+        "matplotlib",
+        "sentencepiece",
+    ],
+    extras_require={
+        # PyTorch references for parity tests and for reading .pth checkpoints (weights-only).
+        "test": ["torch>=2.11", "diffusers==0.42.1", "pytest>=8", "chex", "ruff"],
+    },
+)
