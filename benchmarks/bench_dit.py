@@ -91,6 +91,7 @@ def main():
     res["params_M"] = round(sum(v.numel() for v in sd.values()) / 1e6, 1)
 
     res["variant"] = args.variant
+    apply_variant(args.variant)
     if args.part == "parity":
         parity(res, ref, sd, cfg, dims, dev, parity_grid)
     else:
@@ -113,6 +114,32 @@ def parity(res, ref, sd, cfg, dims, dev, parity_grid):
     got_t16 = torch_call(ref, pa, torch.bfloat16, dev)().float().permute(0, 2, 3, 4, 1).cpu().numpy()
     res["parity_bf16_torch_vs_torch_f32"] = stats(got_t16, want)
     res["parity_tokens"] = int(np.prod(parity_grid) // 4)
+
+
+def apply_variant(name):
+    """Experiment variants (monkeypatches) measured against the plain model in separate processes."""
+    from omnijax.layers.rope import apply_rope
+    from omnijax.models.wan import dit
+
+    if name == "fused_qkv":
+        def qkv(self, x, cos, sin):
+            w = jnp.concatenate([self.q.kernel[...], self.k.kernel[...], self.v.kernel[...]], axis=1)
+            b = jnp.concatenate([self.q.bias[...], self.k.bias[...], self.v.bias[...]])
+            y = (jnp.einsum("bld,de->ble", x.astype(self.q.dtype), w.astype(self.q.dtype)) + b.astype(self.q.dtype))
+            q, k, v = jnp.split(y, 3, axis=-1)
+            split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
+            return (apply_rope(split(self.norm_q(q)), cos, sin), apply_rope(split(self.norm_k(k)), cos, sin),
+                    split(v))
+        dit.SelfAttention.qkv = qkv
+    elif name == "diag_no_rope_norm":  # diagnostic only: what RMSNorm + RoPE cost
+        def qkv(self, x, cos, sin):
+            split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
+            return split(self.q(x)), split(self.k(x)), split(self.v(x))
+        dit.SelfAttention.qkv = qkv
+    elif name == "diag_no_attention":  # diagnostic only: everything but the self-attention kernel
+        import omnijax.layers.attention as att
+        orig = att.attention
+        dit.attention = lambda q, k, v, **kw: orig(q, k, v, **kw) if k.shape[1] < 2048 else q
 
 
 def speed(res, ref, sd, cfg, dims, dev, speed_grid, small):
