@@ -1,0 +1,160 @@
+"""The decomposition core: a video and object masks in, a clean background and one alpha matte per object out.
+
+Axis letters: P sampler passes (batch), K objects, F pixel frames (4k+1), H/W pixels, T latent frames, h/w latent
+grid, C channels.
+
+Passes: with one object the sampler runs one pass (remove that object: background + its alpha). With K > 1
+objects it runs K + 1 passes batched in one call: pass 0 removes the union of all objects and gives THE
+background (and the union alpha), pass k removes object k alone and gives alpha_k. Each pass's condition y is
+[4-channel latent mask of its removal region ; VAE latent of the full input video] (spec easyomnimatte.md §2).
+
+The sampler (omnijax.sampling.dual_expert) is jitted once per shape; seed and tau are runtime values. Clips
+longer than one 81-frame window use temporal multidiffusion (21-latent windows, 4-latent overlap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omnijax.omnimatte.alpha import video_to_alpha
+from omnijax.omnimatte.masks import condition_y, latent_mask, removal_mask
+from omnijax.sampling.dual_expert import make_sampler
+from omnijax.sampling.multidiffusion import TemporalWindows, repeat_for_windows, split_windows
+from omnijax.sampling.schedules import inference_sigmas, switch_index
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    steps: int = 4
+    tau: float = 0.5
+    seed: int = 0
+    shift: float = 5.0
+    window: int = 21  # latent frames per multidiffusion window (81 pixel frames)
+    overlap: int = 4
+    dilation: int = 11
+
+
+class ExpertPair(nnx.Module):
+    """The Effect and Quality experts; they share one frozen base, which NNX keeps as one set of arrays."""
+
+    def __init__(self, effect: nnx.Module, quality: nnx.Module):
+        self.effect, self.quality = effect, quality
+
+
+def jit_module_fn(module: nnx.Module, fn: Callable, **jit_kw) -> Callable:
+    """jit(fn(module, *args)) with the module's arrays passed as an argument (not baked in as constants)."""
+    graphdef, state = nnx.split(module)
+    f = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a), **jit_kw)
+    return lambda *a: f(state, *a)
+
+
+def sampler_passes(object_masks) -> np.ndarray:
+    """[K, F, H, W] object masks -> [P, K, F, H, W] selection of objects each pass removes (see module doc)."""
+    k = object_masks.shape[0]
+    eye = np.eye(k, dtype=bool)
+    return eye if k == 1 else np.concatenate([np.ones((1, k), bool), eye])
+
+
+class Decomposer:
+    """Runs the models of one decomposition: VAE, conditioning, the two experts and the jitted sampler.
+
+    Args:
+      effect, quality: EasyOmnimatte experts (omnijax.omnimatte.branch) over the same base WanDiT.
+      vae: WanVAE. conditioner: omnijax.conditioning.Conditioner (umT5 + CLIP through the embedding cache).
+      attention_backend: for the DiT ("auto": cuDNN on GPU).
+    """
+
+    def __init__(self, effect, quality, vae, conditioner, *, attention_backend: str = "auto"):
+        self.vae, self.conditioner = vae, conditioner
+        pair = ExpertPair(effect, quality)
+        self._graphdef, self._state = nnx.split(pair)
+        dtype = effect.base.dtype
+
+        def expert(name):
+            def velocity(z, sigma, cond):
+                model = getattr(nnx.merge(self._graphdef, cond["params"]), name)
+                t = jnp.full((z["background"].shape[0],), 1000.0 * sigma, jnp.float32)
+                v_bg, v_alpha = model(z["background"].astype(dtype), z["alpha"].astype(dtype), t, cond["context"],
+                                      cond["clip"], cond["y"], attention_backend=attention_backend)
+                return {"background": v_bg, "alpha": v_alpha}
+            return velocity
+
+        self._sample = make_sampler(expert("effect"), expert("quality"))
+        self._encode = jit_module_fn(vae, lambda m, v: m.encode(v))
+        self._decode = jit_module_fn(vae, lambda m, z: m.decode(z))
+
+    def condition(self, video, first_frame_prompt: str = ""):
+        """Text context [1, L, D] (empty prompt by default) and CLIP features [1, 257, D] of frame 0."""
+        from omnijax.models.wan.umt5 import pad_text_context
+
+        text = pad_text_context(self.conditioner.text([first_frame_prompt]))
+        clip = self.conditioner.image(np.asarray(video[:1]) * 2.0 - 1.0)
+        return jnp.asarray(text), jnp.asarray(clip)
+
+    def __call__(self, video, object_masks, settings: SamplerSettings = SamplerSettings(), *, prompt: str = "",
+                 timings: dict | None = None):
+        """Decomposes one clip at processing resolution.
+
+        Args:
+          video: [F, H, W, 3] float in [0, 1], F = 4k+1, H and W multiples of 16.
+          object_masks: [K, F, H, W] in {0, 1} (coarse object masks, no effects).
+          settings: steps, tau, seed, multidiffusion layout, mask dilation.
+          timings: optional dict that receives seconds per stage.
+        Returns:
+          (background [F, H, W, 3], alphas [K, F, H, W]) as float32 numpy arrays in [0, 1].
+        """
+        timings = {} if timings is None else timings
+        f, hh, ww, _ = video.shape
+        k = object_masks.shape[0]
+        if object_masks.shape[1:] != (f, hh, ww):
+            raise ValueError(f"object masks {object_masks.shape} do not match the video {video.shape}")
+
+        clock = time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock
+            clock = now
+
+        context, clip = self.condition(video, prompt)
+        lap("encoders")
+        latent = self._encode(jnp.asarray(video, jnp.float32)[None] * 2.0 - 1.0)  # [1, T, h, w, 16]
+        select = sampler_passes(object_masks)  # [P, K]
+        masks = jnp.stack([removal_mask(jnp.asarray(object_masks)[s], dilation=settings.dilation) for s in select])
+        y = condition_y(latent_mask(masks), jnp.broadcast_to(latent, (len(select), *latent.shape[1:])))
+        jax.block_until_ready(y)
+        lap("vae_encode")
+
+        p = len(select)
+        cond = {"params": self._state, "y": y, "context": jnp.repeat(context, p, 0), "clip": jnp.repeat(clip, p, 0)}
+        windows = TemporalWindows(latent.shape[1], settings.window, settings.overlap)
+        if windows.active:
+            cond.update(y=split_windows(cond["y"], windows),
+                        context=repeat_for_windows(cond["context"], windows),
+                        clip=repeat_for_windows(cond["clip"], windows))
+        else:
+            windows = None
+        key_bg, key_alpha = jax.random.split(jax.random.key(settings.seed))
+        shape = (p, *latent.shape[1:])
+        z = {"background": jax.random.normal(key_bg, shape, jnp.float32),
+             "alpha": jax.random.normal(key_alpha, shape, jnp.float32)}
+        sigmas = inference_sigmas(settings.steps, settings.shift)
+        out = self._sample(z, sigmas, switch_index(sigmas, settings.tau), cond, windows)
+        jax.block_until_ready(out)
+        lap("sampler")
+
+        background = (self._decode(out["background"][:1])[0] + 1.0) * 0.5
+        alpha_latents = out["alpha"][1:] if p > 1 else out["alpha"]
+        alphas = video_to_alpha(self._decode(alpha_latents))
+        result = np.asarray(background, np.float32), np.asarray(alphas, np.float32)
+        lap("vae_decode")
+        assert result[1].shape[0] == k
+        return result
