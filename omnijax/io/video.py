@@ -129,13 +129,15 @@ def probe(path: str, *, default_fps: float = 24.0) -> VideoInfo:
         return VideoInfo(path, s.width, s.height, int(n), fps, codec, bool(has_alpha))
 
 
-def iter_frames(path: str, *, alpha: bool = False, max_frames: int | None = None) -> Iterator[np.ndarray]:
+def iter_frames(path: str, *, alpha: bool = False, max_frames: int | None = None,
+                start: int = 0) -> Iterator[np.ndarray]:
     """Stream the frames of a clip one at a time (never holds the whole clip).
 
     Args:
       path: video file, frame folder or image.
       alpha: return RGBA ([H, W, 4]; opaque where the source has no alpha) instead of RGB ([H, W, 3]).
       max_frames: stop after this many frames.
+      start: skip this many frames first (frame folders skip without reading; videos decode and drop).
 
     Yields:
       uint8 [H, W, 3 or 4] frames.
@@ -145,7 +147,8 @@ def iter_frames(path: str, *, alpha: bool = False, max_frames: int | None = None
         return
     fmt = "rgba" if alpha else "rgb24"
     if os.path.isdir(path):
-        files = list_frames(path)[:max_frames]
+        files = list_frames(path)[start:]
+        files = files[:max_frames] if max_frames is not None else files
         shape = None
         for f in files:
             img = _read_image(f, alpha)
@@ -165,7 +168,9 @@ def iter_frames(path: str, *, alpha: bool = False, max_frames: int | None = None
             else:
                 s.thread_type = "AUTO"
                 frames = c.decode(s)
-            for frame in frames:
+            for i, frame in enumerate(frames):
+                if i < start:
+                    continue
                 yield frame.to_ndarray(format=fmt)
                 count += 1
                 if max_frames is not None and count >= max_frames:
@@ -173,7 +178,7 @@ def iter_frames(path: str, *, alpha: bool = False, max_frames: int | None = None
         except av.FFmpegError as e:
             raise VideoError(f"{path}: decoding failed after {count} frames ({e})") from e
     if count == 0:
-        raise VideoError(f"{path}: no frames could be decoded")
+        raise VideoError(f"{path}: no frames could be decoded" + (f" after skipping {start}" if start else ""))
 
 
 def _decode_vp9_alpha(container, stream):
@@ -322,6 +327,29 @@ def write_rgba_video(path: str, frames: np.ndarray | Iterable, fps: float) -> tu
     return _encode(path, frames, fps, codec, pix, "rgba", opts, even=True, channels=(4,))
 
 
+def _png_bytes(f: np.ndarray) -> bytes:
+    fmt = {1: "gray", 3: "rgb24", 4: "rgba"}[f.shape[-1]]
+    ctx = av.CodecContext.create("png", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = f.shape[1], f.shape[0], fmt
+    img = f[..., 0] if fmt == "gray" else f
+    packets = ctx.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format=fmt))
+    packets += ctx.encode(None)
+    return b"".join(bytes(p) for p in packets)
+
+
+def write_image(path: str, image) -> None:
+    """Write one PNG (grey [H, W], RGB or RGBA; uint8 or float in [0, 1]) atomically."""
+    (f,) = list(_frames([image], (1, 3, 4)))
+    tmp = _tmp_beside(path, ".png")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(_png_bytes(f))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_frames(folder: str, frames: np.ndarray | Iterable, *, pattern: str = "{:05d}.png",
                  overwrite: bool = True) -> int:
     """Write a PNG sequence (RGB, RGBA or grey), atomically: into a temporary folder renamed into place.
@@ -343,14 +371,8 @@ def write_frames(folder: str, frames: np.ndarray | Iterable, *, pattern: str = "
     n = 0
     try:
         for i, f in enumerate(_frames(frames, (1, 3, 4))):
-            fmt, pix = {1: ("gray", "gray"), 3: ("rgb24", "rgb24"), 4: ("rgba", "rgba")}[f.shape[-1]]
-            ctx = av.CodecContext.create("png", "w")
-            ctx.width, ctx.height, ctx.pix_fmt = f.shape[1], f.shape[0], pix
-            img = f[..., 0] if fmt == "gray" else f
-            packets = ctx.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format=fmt))
-            packets += ctx.encode(None)
             with open(os.path.join(tmp, pattern.format(i)), "wb") as fh:
-                fh.write(b"".join(bytes(p) for p in packets))
+                fh.write(_png_bytes(f))
             n += 1
         if n == 0:
             raise VideoError(f"{folder}: no frames to write")
