@@ -173,3 +173,21 @@ def test_bad_inputs_raise():
         CompositeConfig(pad=(0.5, 0.3))
     with pytest.raises(IndexError):
         SyntheticOmnimatte(SMALL, length=3)[3]
+
+
+def test_region_warps_equal_full_frame_warps(monkeypatch):
+    """The bounding-box shortcut against the brute force: warp (and blur) the whole frame."""
+    import data.composite as comp
+
+    cfg = CompositeConfig(num_frames=3, height=48, width=80)
+    ds = SyntheticOmnimatte(cfg, seed=11)
+    fast = [ds[i] for i in range(4)]
+
+    def full(img, fwd, support, out_hw, margin=0):
+        return (comp._warp(img, fwd, out_hw), (0, out_hw[0], 0, out_hw[1])) if support is not None else None
+
+    monkeypatch.setattr(comp, "_warp_region", full)
+    for i, s in enumerate(fast):
+        ref = ds[i]
+        for k in ("video", "alpha", "foreground", "mask", "effect_mask"):
+            np.testing.assert_allclose(s[k], ref[k], atol=1e-6, err_msg=k)
