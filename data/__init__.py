@@ -1,0 +1,1 @@
+"""Training data: synthetic omnimatte composition, clip sources, TFDS builder, grain pipelines, latent cache."""

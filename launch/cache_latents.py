@@ -1,0 +1,94 @@
+"""Encode synthetic omnimatte composites to VAE latents once, so training reads latents instead of pixels.
+
+    python launch/cache_latents.py --out DIR --vae PATH [--source procedural | --source tfds NAME/CONFIG
+        --data-dir D | --source videomatte DIR] [--bg DIR] [--num 1000] [--frames 81 --height 480 --width 832]
+        [--batch 1] [--shard I/N]
+    python launch/cache_latents.py --out DIR --standin ...      # smoke run with the VAE-shaped stand-in
+
+Samples already in DIR are skipped, so a stopped job resumes. `--shard I/N` caches every N-th sample from I,
+for one process of a multi-host job. The VAE comes from `converters.load_wan_vae(PATH)`; its `encode` takes
+video [B, F, H, W, 3] in [-1, 1] and returns normalised latents [B, T, H/8, W/8, 16].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data.composite import CompositeConfig  # noqa: E402
+from data.latent_cache import cache_latents, standin_encoder  # noqa: E402
+from data.pipeline import TfdsOmnimatte, latent_friendly  # noqa: E402
+from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
+from data.synthetic import SyntheticOmnimatte  # noqa: E402
+
+
+def vae_encoder(path: str):
+    """Jitted bf16 encode function of the Wan VAE at `path`."""
+    import jax
+    import jax.numpy as jnp
+
+    from converters import load_wan_vae
+
+    _, vae = load_wan_vae(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    fn = jax.jit(lambda x: vae.encode(x.astype(jnp.bfloat16)).astype(jnp.float32))
+    return lambda x: jax.device_get(fn(x))
+
+
+def build_source(a, parser):
+    if a.source[0] == "tfds":
+        if len(a.source) != 2:
+            parser.error("--source tfds needs NAME/CONFIG, e.g. omnimatte_synth/small")
+        import tensorflow_datasets as tfds
+
+        import data.tfds_omnimatte  # noqa: F401  (registers the builder)
+
+        return TfdsOmnimatte(tfds.data_source(a.source[1], split=a.split, data_dir=a.data_dir))
+    f, h, w = latent_friendly(a.frames, a.height, a.width)
+    cfg = CompositeConfig(num_frames=f, height=h, width=w)
+    fg = None
+    if a.source[0] == "videomatte":
+        if len(a.source) != 2:
+            parser.error("--source videomatte needs DIR")
+        fg = VideoMatteSource(a.source[1], seed=a.seed)
+    elif a.source != ["procedural"]:
+        parser.error(f"unknown --source {a.source}")
+    bg = VideoFolderSource(a.bg, seed=a.seed) if a.bg else None
+    return SyntheticOmnimatte(cfg, foregrounds=fg, backgrounds=bg, seed=a.seed, length=a.num)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--vae", help="Wan VAE checkpoint (file or folder)")
+    p.add_argument("--standin", action="store_true", help="use the pooling stand-in encoder (smoke runs only)")
+    p.add_argument("--source", nargs="+", default=["procedural"])
+    p.add_argument("--bg", default=None)
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir for --source tfds")
+    p.add_argument("--split", default="train")
+    p.add_argument("--num", type=int, default=1000, help="samples to generate (synthetic sources)")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--shard", default="0/1", help="I/N: this process caches samples I, I+N, ...")
+    p.add_argument("--float32", action="store_true", help="store latents as float32 (default float16)")
+    a = p.parse_args(argv)
+    if bool(a.vae) == bool(a.standin):
+        p.error("give exactly one of --vae PATH or --standin")
+    i, n = (int(t) for t in a.shard.split("/"))
+    source = build_source(a, p)
+    encode = standin_encoder if a.standin else vae_encoder(a.vae)
+    import numpy as np
+
+    written = cache_latents(source, encode, a.out, indices=range(i, len(source), n), batch_size=a.batch,
+                            dtype=np.float32 if a.float32 else np.float16, progress=True)
+    print(f"wrote {written} samples to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

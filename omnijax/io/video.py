@@ -1,0 +1,389 @@
+"""Video and frame-folder I/O on numpy + PyAV: streaming readers, atomic writers.
+
+Axis letters: F frames, H height, W width, C channels (3 = RGB, 4 = RGBA). Frames are uint8 [H, W, C],
+channels-last, top row first.
+
+Sources a reader accepts:
+- a video file PyAV's bundled ffmpeg can demux (mp4, mov, webm, mkv, avi, ...);
+- a folder of still frames (png / jpg / jpeg / webp / bmp), ordered by natural sort of the file names so that
+  `frame_2.png` comes before `frame_10.png`; every frame must have the same size;
+- a single still image (treated as a one-frame clip).
+
+Writers:
+- `write_video`: H.264 (libx264) mp4 in yuv420p, which needs even sizes; an odd height or width is padded by
+  repeating the last row/column (so the file plays everywhere) and the padding is reported in the return value;
+- `write_frames`: a PNG sequence, RGB or RGBA;
+- `write_rgba_video`: RGBA layers with alpha, as VP9 WebM (`yuva420p`, libvpx-vp9) or ProRes 4444 (.mov,
+  `yuva444p10le`). Both round-trip alpha in PyAV's ffmpeg; VP9 keeps alpha in a side channel that ffmpeg's native
+  vp9 decoder drops, so the reader decodes .webm alpha with libvpx-vp9 explicitly.
+Every writer writes a temporary file (or folder) beside the target and renames it into place, so a reader
+never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+
+import av
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RGBA_CODECS = {".webm": ("libvpx-vp9", "yuva420p"), ".mov": ("prores_ks", "yuva444p10le")}
+
+
+class VideoError(ValueError):
+    """A video, image or frame folder is missing, unreadable, or the request does not fit it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What `probe` learns about a clip without decoding all of it.
+
+    Attributes:
+      path: the file or folder.
+      width, height: frame size in pixels.
+      num_frames: frame count (for containers that do not store it, counted by demuxing packets).
+      fps: frames per second (frame folders report `default_fps`, 24 unless given).
+      codec: decoder name, or "frames" for a folder of stills.
+      has_alpha: whether the stream carries an alpha plane.
+    """
+
+    path: str
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    codec: str
+    has_alpha: bool
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_frames(folder: str) -> list[str]:
+    """Image files of a frame folder in natural order. Raises VideoError when there are none."""
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+    if not names:
+        raise VideoError(f"{folder}: folder holds no frames ({', '.join(IMAGE_SUFFIXES)})")
+    return [os.path.join(folder, n) for n in sorted(names, key=_natural_key)]
+
+
+def _check_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file or folder")
+
+
+def _open(path: str):
+    try:
+        return av.open(path)
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"{path}: not a readable video or image ({e})") from e
+
+
+def _read_image(path: str, alpha: bool) -> np.ndarray:
+    with _open(path) as c:
+        try:
+            frame = next(c.decode(video=0))
+        except (StopIteration, av.FFmpegError) as e:
+            raise VideoError(f"{path}: image could not be decoded") from e
+        return frame.to_ndarray(format="rgba" if alpha else "rgb24")
+
+
+def _pix_has_alpha(name: str | None) -> bool:
+    return bool(name) and (name.startswith(("yuva", "gbrap", "ya")) or any(k in name for k in ("rgba", "bgra", "argb",
+                                                                                              "abgr")))
+
+
+def probe(path: str, *, default_fps: float = 24.0) -> VideoInfo:
+    """Size, frame count, fps and codec of a video file, frame folder or image.
+
+    Raises:
+      VideoError: missing path, unreadable file, or a container without a video stream.
+    """
+    _check_exists(path)
+    if os.path.isdir(path):
+        files = list_frames(path)
+        first = _read_image(files[0], alpha=True)
+        has_alpha = bool((first[..., 3] < 255).any())
+        return VideoInfo(path, first.shape[1], first.shape[0], len(files), float(default_fps), "frames", has_alpha)
+    with _open(path) as c:
+        if not c.streams.video:
+            raise VideoError(f"{path}: no video stream")
+        s = c.streams.video[0]
+        fps = float(s.average_rate or s.guessed_rate or default_fps)
+        n = s.frames
+        if not n:
+            # WebM/MKV store no frame count: count packets (cheap, nothing is decoded).
+            n = sum(1 for p in c.demux(s) if p.size)
+        pix = s.codec_context.pix_fmt or (s.format.name if s.format else None)
+        codec = s.codec_context.name
+        # VP9 alpha lives in a side channel that the stream's pix_fmt does not show; the container tags it.
+        has_alpha = _pix_has_alpha(pix) or s.metadata.get("alpha_mode", s.metadata.get("ALPHA_MODE")) == "1"
+        return VideoInfo(path, s.width, s.height, int(n), fps, codec, bool(has_alpha))
+
+
+def iter_frames(path: str, *, alpha: bool = False, max_frames: int | None = None,
+                start: int = 0) -> Iterator[np.ndarray]:
+    """Stream the frames of a clip one at a time (never holds the whole clip).
+
+    Args:
+      path: video file, frame folder or image.
+      alpha: return RGBA ([H, W, 4]; opaque where the source has no alpha) instead of RGB ([H, W, 3]).
+      max_frames: stop after this many frames.
+      start: skip this many frames first (frame folders skip without reading; videos decode and drop).
+
+    Yields:
+      uint8 [H, W, 3 or 4] frames.
+    """
+    _check_exists(path)
+    if max_frames is not None and max_frames <= 0:
+        return
+    fmt = "rgba" if alpha else "rgb24"
+    if os.path.isdir(path):
+        files = list_frames(path)[start:]
+        files = files[:max_frames] if max_frames is not None else files
+        shape = None
+        for f in files:
+            img = _read_image(f, alpha)
+            if shape is not None and img.shape != shape:
+                raise VideoError(f"{f}: frame size {img.shape[:2]} differs from the first frame's {shape[:2]}")
+            shape = img.shape
+            yield img
+        return
+    count = 0
+    with _open(path) as c:
+        if not c.streams.video:
+            raise VideoError(f"{path}: no video stream")
+        s = c.streams.video[0]
+        try:
+            if alpha and s.codec_context.name == "vp9":
+                frames = _decode_vp9_alpha(c, s)
+            else:
+                s.thread_type = "AUTO"
+                frames = c.decode(s)
+            for i, frame in enumerate(frames):
+                if i < start:
+                    continue
+                yield frame.to_ndarray(format=fmt)
+                count += 1
+                if max_frames is not None and count >= max_frames:
+                    return
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: decoding failed after {count} frames ({e})") from e
+    if count == 0:
+        raise VideoError(f"{path}: no frames could be decoded" + (f" after skipping {start}" if start else ""))
+
+
+def _decode_vp9_alpha(container, stream):
+    # ffmpeg's native vp9 decoder ignores the alpha side data; libvpx-vp9 decodes it into yuva420p.
+    ctx = av.CodecContext.create("libvpx-vp9", "r")
+    for packet in container.demux(stream):
+        yield from ctx.decode(packet if packet.size else None)
+
+
+def read_video(path: str, *, max_frames: int | None = None, alpha: bool = False) -> tuple[np.ndarray, float]:
+    """Read a whole clip into memory.
+
+    Returns:
+      (frames uint8 [F, H, W, 3] (or 4 with `alpha`), fps). Frame folders report 24 fps.
+    """
+    info = probe(path)
+    frames = list(iter_frames(path, alpha=alpha, max_frames=max_frames))
+    if not frames:
+        raise VideoError(f"{path}: no frames")
+    return np.stack(frames), info.fps
+
+
+def read_mask(path: str, *, max_frames: int | None = None, threshold: int | None = 128) -> np.ndarray:
+    """Read a mask clip (video, frame folder or image) as [F, H, W] uint8.
+
+    The first colour channel is used (masks stored as grey video have R = G = B up to compression noise);
+    an image folder whose frames carry a non-trivial alpha plane uses the alpha instead.
+
+    Args:
+      threshold: grey level at or above which a pixel is "in" (result in {0, 1}); None returns the raw grey
+        level 0..255 (e.g. for soft alpha mattes such as VideoMatte240K `pha/`).
+    """
+    use_alpha = os.path.isdir(path) and probe(path).has_alpha
+    planes = [f[..., 3] if use_alpha else f[..., 0]
+              for f in iter_frames(path, alpha=use_alpha, max_frames=max_frames)]
+    if not planes:
+        raise VideoError(f"{path}: no mask frames")
+    m = np.stack(planes)
+    return m if threshold is None else (m >= threshold).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- writers
+
+
+def _as_uint8(frame) -> np.ndarray:
+    a = np.asarray(frame)
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.floating):
+        # Float frames are taken to be in [0, 1], the convention of the data pipeline.
+        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    raise VideoError(f"frames must be uint8 or float in [0, 1], got {a.dtype}")
+
+
+def _frames(frames: np.ndarray | Iterable, channels: tuple[int, ...]) -> Iterator[np.ndarray]:
+    for i, f in enumerate(frames):
+        f = _as_uint8(f)
+        if f.ndim == 2 and 1 in channels:
+            f = f[..., None]
+        if f.ndim != 3 or f.shape[-1] not in channels:
+            raise VideoError(f"frame {i}: expected [H, W, C] with C in {channels}, got shape {f.shape}")
+        yield f
+
+
+def _tmp_beside(path: str, suffix: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=d)
+    os.close(fd)
+    return tmp
+
+
+def _encode(path: str, frames: Iterable, fps: float, codec: str, pix_fmt: str, in_fmt: str,
+            options: dict[str, str], even: bool, channels: tuple[int, ...]) -> tuple[int, int, int]:
+    suffix = os.path.splitext(path)[1].lower()
+    tmp = _tmp_beside(path, suffix)
+    n = 0
+    size = None
+    try:
+        with av.open(tmp, "w", format={".mov": "mov", ".webm": "webm", ".mp4": "mp4", ".mkv": "matroska"}.get(
+                suffix)) as c:
+            rate = fractions.Fraction(fps).limit_denominator(1001)
+            s = None
+            for f in _frames(frames, channels):
+                h, w = f.shape[:2]
+                if even and (h % 2 or w % 2):
+                    f = np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+                if s is None:
+                    size = f.shape[:2]
+                    s = c.add_stream(codec, rate=rate)
+                    s.width, s.height, s.pix_fmt = size[1], size[0], pix_fmt
+                    s.options = options
+                elif f.shape[:2] != size:
+                    raise VideoError(f"frame {n}: size {f.shape[:2]} differs from the first frame's {size}")
+                if f.shape[-1] == 1:
+                    f = np.repeat(f, 3, axis=-1)
+                for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format=in_fmt)):
+                    c.mux(p)
+                n += 1
+            if s is None:
+                raise VideoError(f"{path}: no frames to write")
+            for p in s.encode():
+                c.mux(p)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n, size[0], size[1]
+
+
+def write_video(path: str, frames: np.ndarray | Iterable, fps: float, *, crf: int = 18,
+                preset: str = "medium") -> tuple[int, int, int]:
+    """Write RGB frames as H.264 mp4 (yuv420p), atomically.
+
+    Args:
+      path: target file (.mp4 or .mov or .mkv).
+      frames: uint8 [F, H, W, 3] (or float in [0, 1]; grey [F, H, W] is repeated to RGB) or an iterable of frames.
+      fps: frame rate.
+      crf: x264 quality (0 = lossless in luma, 18 = visually lossless).
+
+    Returns:
+      (frames written, height, width) of the file; odd sizes come back padded to even.
+    """
+    return _encode(path, frames, fps, "libx264", "yuv420p", "rgb24", {"crf": str(crf), "preset": preset},
+                   even=True, channels=(1, 3))
+
+
+def write_rgba_video(path: str, frames: np.ndarray | Iterable, fps: float) -> tuple[int, int, int]:
+    """Write RGBA frames to a video with alpha, atomically.
+
+    `.webm` -> VP9 `yuva420p` (small, plays in browsers; colour is 4:2:0, alpha full resolution, lossy);
+    `.mov` -> ProRes 4444 `yuva444p10le` (large, near lossless, the editing-software choice).
+    Odd sizes are padded to even for both (VP9 4:2:0 needs it; ProRes keeps the padding harmless).
+
+    Args:
+      frames: uint8 [F, H, W, 4] (or float in [0, 1]) or an iterable of [H, W, 4] frames.
+
+    Returns:
+      (frames written, height, width).
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in RGBA_CODECS:
+        raise VideoError(f"{path}: RGBA video needs a .webm (VP9) or .mov (ProRes 4444) name")
+    codec, pix = RGBA_CODECS[suffix]
+    opts = {"profile": "4444"} if codec == "prores_ks" else {"crf": "15", "b": "0", "row-mt": "1"}
+    return _encode(path, frames, fps, codec, pix, "rgba", opts, even=True, channels=(4,))
+
+
+def _png_bytes(f: np.ndarray) -> bytes:
+    fmt = {1: "gray", 3: "rgb24", 4: "rgba"}[f.shape[-1]]
+    ctx = av.CodecContext.create("png", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = f.shape[1], f.shape[0], fmt
+    img = f[..., 0] if fmt == "gray" else f
+    packets = ctx.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format=fmt))
+    packets += ctx.encode(None)
+    return b"".join(bytes(p) for p in packets)
+
+
+def write_image(path: str, image) -> None:
+    """Write one PNG (grey [H, W], RGB or RGBA; uint8 or float in [0, 1]) atomically."""
+    (f,) = list(_frames([image], (1, 3, 4)))
+    tmp = _tmp_beside(path, ".png")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(_png_bytes(f))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_frames(folder: str, frames: np.ndarray | Iterable, *, pattern: str = "{:05d}.png",
+                 overwrite: bool = True) -> int:
+    """Write a PNG sequence (RGB, RGBA or grey), atomically: into a temporary folder renamed into place.
+
+    Args:
+      folder: target folder; an existing one is replaced when `overwrite`, else VideoError.
+      frames: uint8 or float [F, H, W], [F, H, W, 3] or [F, H, W, 4], or an iterable of frames.
+      pattern: file name pattern taking the frame index.
+
+    Returns:
+      the number of frames written.
+    """
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not overwrite:
+        raise VideoError(f"{folder}: exists (pass overwrite=True to replace it)")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".tmp", dir=parent)
+    n = 0
+    try:
+        for i, f in enumerate(_frames(frames, (1, 3, 4))):
+            with open(os.path.join(tmp, pattern.format(i)), "wb") as fh:
+                fh.write(_png_bytes(f))
+            n += 1
+        if n == 0:
+            raise VideoError(f"{folder}: no frames to write")
+        if os.path.exists(folder):
+            old = folder + ".old-" + os.path.basename(tmp)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return n

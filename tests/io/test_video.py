@@ -1,0 +1,157 @@
+"""Video I/O: write -> read round trips, alpha, shared example clips, errors, atomic writes."""
+
+import os
+
+import numpy as np
+import pytest
+
+from omnijax.io.video import (
+    VideoError,
+    iter_frames,
+    list_frames,
+    probe,
+    read_mask,
+    read_video,
+    write_frames,
+    write_image,
+    write_rgba_video,
+    write_video,
+)
+
+EXAMPLES = "/work/shared/examples"
+
+
+def _clip(f=9, h=48, w=64, seed=0):
+    """Smooth moving colour ramps (codec friendly) plus a soft alpha ramp."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    frames = []
+    for t in range(f):
+        r = 0.5 + 0.4 * np.sin((x + 3 * t) / 9.0)
+        g = 0.5 + 0.4 * np.cos((y - 2 * t) / 7.0)
+        b = np.full_like(x, 0.2 + 0.05 * t)
+        a = np.clip((x - 8 - 2 * t) / 24.0, 0, 1)
+        frames.append(np.stack([r, g, b, a], -1))
+    return np.clip(np.rint(np.stack(frames) * 255), 0, 255).astype(np.uint8)
+
+
+def _no_temp_files(folder):
+    return [n for n in os.listdir(folder) if ".tmp" in n]
+
+
+def test_mp4_round_trip_keeps_count_size_fps(tmp_path):
+    clip = _clip()[..., :3]
+    path = str(tmp_path / "a.mp4")
+    assert write_video(path, clip, fps=12.5) == (9, 48, 64)
+    info = probe(path)
+    assert (info.num_frames, info.height, info.width, info.codec, info.has_alpha) == (9, 48, 64, "h264", False)
+    assert info.fps == pytest.approx(12.5)
+    back, fps = read_video(path)
+    assert back.shape == clip.shape and back.dtype == np.uint8 and fps == pytest.approx(12.5)
+    assert np.abs(back.astype(int) - clip).mean() < 6.0  # yuv420p halves chroma resolution; crf 18
+    assert _no_temp_files(tmp_path) == []
+
+
+def test_mp4_streams_from_an_iterator_and_pads_odd_sizes(tmp_path):
+    clip = _clip(f=5, h=31, w=45)[..., :3]
+    path = str(tmp_path / "odd.mp4")
+    assert write_video(path, iter(list(clip)), fps=24) == (5, 32, 46)
+    back, _ = read_video(path)
+    assert back.shape == (5, 32, 46, 3)
+    assert np.abs(back[:, :31, :45].astype(int) - clip).mean() < 6.0
+    # start / max_frames stream a window of the clip
+    window = list(iter_frames(path, start=2, max_frames=2))
+    assert len(window) == 2 and np.abs(window[0].astype(int) - back[2]).max() == 0
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png_sequence_round_trip_is_lossless(tmp_path, channels):
+    clip = _clip(f=4)[..., :channels]
+    folder = str(tmp_path / "frames")
+    assert write_frames(folder, clip) == 4
+    back, fps = read_video(folder, alpha=channels == 4)
+    np.testing.assert_array_equal(back, clip)
+    info = probe(folder)
+    assert (info.num_frames, info.height, info.width, info.has_alpha) == (4, 48, 64, channels == 4)
+    # overwrite replaces the folder atomically; no temporary folders stay behind
+    write_frames(folder, clip[:2])
+    assert len(list_frames(folder)) == 2 and _no_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".webm", ".mov"])
+def test_rgba_video_keeps_alpha(tmp_path, suffix):
+    clip = _clip()
+    path = str(tmp_path / ("layer" + suffix))
+    write_rgba_video(path, clip, fps=16)
+    info = probe(path)
+    assert info.has_alpha and (info.num_frames, info.height, info.width) == (9, 48, 64)
+    assert info.fps == pytest.approx(16)
+    back, _ = read_video(path, alpha=True)
+    assert back.shape == clip.shape
+    assert np.abs(back[..., 3].astype(int) - clip[..., 3]).max() <= 2
+    assert np.abs(back[..., :3].astype(int) - clip[..., :3]).mean() < 4.0
+    assert read_mask(path, threshold=None).shape == (9, 48, 64)
+
+
+def test_write_image_and_single_image_read(tmp_path):
+    img = _clip(f=1)[0]
+    path = str(tmp_path / "one.png")
+    write_image(path, img.astype(np.float32) / 255.0)
+    back, _ = read_video(path, alpha=True)
+    np.testing.assert_array_equal(back[0], img)
+
+
+def test_frame_folder_natural_order_and_masks(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    vals = [0, 60, 200, 255]
+    for i, v in zip([1, 2, 10, 11], vals):  # lexical order would put 10 and 11 before 2
+        write_image(str(folder / f"frame_{i}.png"), np.full((8, 10), v, np.uint8))
+    raw = read_mask(str(folder), threshold=None)
+    assert raw[:, 0, 0].tolist() == vals
+    assert read_mask(str(folder))[:, 0, 0].tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.skipif(not os.path.isdir(EXAMPLES), reason="shared example clips not present")
+@pytest.mark.parametrize("name,frames", [("boys-beach", 85), ("davis_camel", 90)])
+def test_reads_shared_examples(name, frames):
+    d = os.path.join(EXAMPLES, name)
+    info = probe(os.path.join(d, "input_video.mp4"))
+    assert (info.num_frames, info.height, info.width) == (frames, 384, 640)
+    video, fps = read_video(os.path.join(d, "input_video.mp4"), max_frames=5)
+    assert video.shape == (5, 384, 640, 3) and fps == pytest.approx(info.fps)
+    for k in range(2):
+        m = read_mask(os.path.join(d, f"mask_{k:02d}.mp4"), max_frames=5)
+        assert m.shape == (5, 384, 640) and set(np.unique(m)) <= {0, 1}
+        assert 0 < m.mean() < 0.5  # an object, not the whole frame
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(VideoError, match="no such file"):
+        probe(str(tmp_path / "missing.mp4"))
+    with pytest.raises(VideoError, match="no such file"):
+        list(iter_frames(str(tmp_path / "missing")))
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 10)
+    with pytest.raises(VideoError, match="not a readable"):
+        read_video(str(bad))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoError, match="no frames"):
+        probe(str(empty))
+    with pytest.raises(VideoError, match="webm"):
+        write_rgba_video(str(tmp_path / "x.mp4"), _clip(f=2), fps=8)
+    sizes = tmp_path / "sizes"
+    sizes.mkdir()
+    write_image(str(sizes / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    write_image(str(sizes / "1.png"), np.zeros((9, 8, 3), np.uint8))
+    with pytest.raises(VideoError, match="differs"):
+        read_video(str(sizes))
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    frames = [np.zeros((16, 16, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)]  # size changes mid-clip
+    with pytest.raises(VideoError, match="differs"):
+        write_video(str(tmp_path / "x.mp4"), frames, fps=8)
+    with pytest.raises(VideoError, match="expected"):
+        write_frames(str(tmp_path / "f"), [np.zeros((4, 4, 2), np.uint8)])
+    assert os.listdir(tmp_path) == []
