@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 setup(
     name="omnijax",
     version="0.1.0",
-    description="EasyOmnimatte and DiffDecompose in JAX/Flax NNX: Wan2.1 DiT, VAE, encoders, converters, trainer, samplers.",
+    description="Layered video decomposition (EasyOmnimatte) with diffusion transformers in JAX/Flax NNX.",
     python_requires=">=3.11",
     packages=find_packages(include=["omnijax", "omnijax.*", "converters", "converters.*", "data", "data.*",
                                     "configs", "configs.*", "launch", "launch.*"]),

@@ -134,7 +134,12 @@ def load_torch_pickle(path: str) -> Mapping:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refused: this pickle needs more than tensors and plain containers, and omnijax only opens "

@@ -26,13 +26,17 @@ def infer_config(shapes: Mapping[str, tuple], json_config: dict | None = None) -
     pt, ph, pw, in_dim, dim = shape("patch_embedding.kernel")
     num_layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
     i2v = "condition.img_emb.mlp.linear_1.kernel" in shapes
-    heads = None
-    if json_config:
-        heads = json_config.get("num_heads") or json_config.get("num_attention_heads")
+    heads = (json_config or {}).get("num_heads") or (json_config or {}).get("num_attention_heads")
+    if heads is None:
+        if dim % 128:
+            raise ValueError(f"cannot infer num_heads for dim {dim} (Wan uses head_dim 128): pass config= "
+                             "or put a config.json with num_heads beside the weights")
+        heads = dim // 128
     return WanConfig(
-        dim=dim, ffn_dim=shape("blocks.0.ffn.linear_1.kernel")[1], num_heads=int(heads or dim // 128),
+        dim=dim, ffn_dim=shape("blocks.0.ffn.linear_1.kernel")[1], num_heads=int(heads),
         num_layers=num_layers, model_type="i2v" if i2v else "t2v", in_dim=in_dim,
-        out_dim=shape("head.head.kernel")[1] // (pt * ph * pw), freq_dim=shape("condition.time_embedding.linear_1.kernel")[0],
+        out_dim=shape("head.head.kernel")[1] // (pt * ph * pw),
+        freq_dim=shape("condition.time_embedding.linear_1.kernel")[0],
         text_dim=shape("condition.text_embedding.linear_1.kernel")[0],
         image_dim=shape("condition.img_emb.mlp.linear_1.kernel")[0] if i2v else 1280,
         patch_size=(pt, ph, pw), eps=float((json_config or {}).get("eps", 1e-6)))

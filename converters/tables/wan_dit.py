@@ -27,7 +27,8 @@ CIVITAI = Table(
         Rule("head.modulation", "head.modulation"),
         *linear("head.head", "head.head"),
         Rule("blocks.{i}.modulation", "blocks.{i}.modulation"),
-        *[r for n in ("q", "k", "v", "o") for r in linear(f"blocks.{{i}}.self_attn.{n}", f"blocks.{{i}}.self_attn.{n}")],
+        *[r for n in ("q", "k", "v", "o")
+          for r in linear(f"blocks.{{i}}.self_attn.{n}", f"blocks.{{i}}.self_attn.{n}")],
         *norm("blocks.{i}.self_attn.norm_q", "blocks.{i}.self_attn.norm_q", bias=False),
         *norm("blocks.{i}.self_attn.norm_k", "blocks.{i}.self_attn.norm_k", bias=False),
         *[r for n in _CROSS for r in linear(f"blocks.{{i}}.cross_attn.{n}", f"blocks.{{i}}.cross_attn.{n}")],

@@ -54,5 +54,6 @@ def attention(q, k, v, *, backend: str = "auto", scale: float | None = None):
     """
     impl = resolve_backend(backend, q.dtype)
     if impl == "splash":
-        raise AttentionBackendError("the splash backend is reached through the branch-mask attention of omnijax.omnimatte")
+        raise AttentionBackendError(
+            "the splash backend is reached through the branch-mask attention of omnijax.omnimatte")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)

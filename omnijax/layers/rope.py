@@ -10,8 +10,8 @@ Axis letters: L tokens, P = K/2 pairs.
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 
 def wan_axis_pairs(head_dim: int) -> tuple[int, int, int]:

@@ -1,0 +1,63 @@
+"""Shared benchmark helpers: timing, memory, FLOPs, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+H100_BF16_PEAK = 989e12
+
+
+def time_jax(fn, *args, n: int = 5) -> float:
+    """Median wall time (s) of fn(*args) after one warm-up (compile) call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def time_torch(fn, n: int = 5) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return float(np.median(ts))
+
+
+def jax_peak_gb() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    v = stats.get("peak_bytes_in_use")
+    return None if v is None else round(v / 2**30, 2)
+
+
+def wan_forward_flops(n_tokens: int, dim: int, ffn: int, layers: int, ctx_tokens: int = 769) -> float:
+    """Model FLOPs of one Wan DiT forward (linear layers + self/cross attention), as in shared/gpu/NOTES.md."""
+    per_block = (n_tokens * 2 * (4 * dim**2 + 2 * dim**2 + 2 * dim * ffn) + 4 * n_tokens**2 * dim
+                 + 4 * n_tokens * ctx_tokens * dim)
+    return float(layers * per_block)
+
+
+def emit(name: str, result: dict):
+    print(json.dumps(result, indent=1))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
