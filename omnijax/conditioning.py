@@ -129,6 +129,15 @@ def encoder_identity(model: nnx.Module, extra: Mapping | None = None) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's class, vocabulary and special tokens ("" for None): prompts map to ids by it."""
+    if tokenizer is None:
+        return ""
+    desc = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+            "special": sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))}
+    return hashlib.sha256(json.dumps(desc, ensure_ascii=False).encode()).hexdigest()
+
+
 def _frame_bytes(frame: np.ndarray) -> bytes:
     frame = np.ascontiguousarray(frame)
     return f"{frame.dtype.str}{frame.shape}".encode() + frame.tobytes()
@@ -228,7 +237,8 @@ class Conditioner:
         if getattr(self, attr) is None:
             if model is None:
                 raise ValueError(f"no {which} encoder given (needed for its identity and for cache misses)")
-            extra = {"max_length": self.max_length} if which == "text" else None
+            extra = {"max_length": self.max_length, "tokenizer": tokenizer_fingerprint(self.tokenizer)} \
+                if which == "text" else None
             setattr(self, attr, encoder_identity(model, extra))
         return getattr(self, attr)
 

@@ -134,3 +134,40 @@ def test_safetensors_round_trip_and_errors(tmp_path):
         write_safetensors(path, {"ids": np.zeros(3, np.int64)})
     with pytest.raises(ValueError, match="kind"):
         EmbeddingCache.key("audio", b"", "id")
+
+
+def test_encode_cli_tiny(tmp_path):
+    import json
+
+    import av
+
+    from launch.encode import main
+
+    video = str(tmp_path / "clip.mp4")
+    with av.open(video, "w") as c:
+        s = c.add_stream("mpeg4", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(2):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 90 * i, np.uint8), format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    cache = str(tmp_path / "cache")
+    assert main(["--cache", cache, "--model", "tiny", "--dtype", "f32", "--max-length", "64",
+                 "--prompts", "a dog", "", "--video", video]) == 0
+    with open(os.path.join(cache, "encoders.json")) as f:
+        ids = json.load(f)
+    # A reader without models finds the entries; they equal a direct computation with the same tiny encoders.
+    reader = Conditioner(EmbeddingCache(cache), text_id=ids["text"]["id"], image_id=ids["image"]["id"], max_length=64)
+    text = UMT5Encoder(umt5_variant("tiny"), rngs=nnx.Rngs(0), **F32)
+    tok = load_tokenizer(os.path.join(cache, "tiny_tokenizer"))
+    for got, want in zip(reader.text(["a dog", ""]), encode_prompts(text, tok, ["a dog", ""], 64)):
+        np.testing.assert_array_equal(got, want)
+    from launch.encode import read_first_frame
+
+    frame = read_first_frame(video)
+    assert frame.shape == (48, 64, 3) and frame.min() >= -1 and frame.max() <= 1
+    image = CLIPVisionTower(clip_variant("tiny"), rngs=nnx.Rngs(0), **F32)
+    np.testing.assert_array_equal(reader.image(frame[None]), encode_frames(image, frame[None]))
+    with pytest.raises(SystemExit):  # nothing to encode
+        main(["--cache", cache, "--model", "tiny"])
