@@ -200,3 +200,19 @@ def test_missing_and_misshaped_keys_are_named(umt5_ref, clip_ref):
     with pytest.raises(ConversionError, match=r"unexpected[\s\S]*visual\.stray\.weight[\s\S]*wrong shape[\s\S]*"
                                               r"to_qkv\.bias"):
         load_wan_clip(sd, clip_variant("tiny"), **F32)
+
+
+def test_pretrained_round_trip(umt5_ref, clip_ref, tmp_path):
+    """Converted encoders survive omnijax.checkpoint (the registry kinds 'umt5' and 'wan_clip')."""
+    from omnijax.checkpoint import load_pretrained, save_pretrained
+
+    _, text = load_umt5(wan_umt5_state(umt5_ref), umt5_variant("tiny"), **F32)
+    save_pretrained(str(tmp_path / "umt5"), text, "umt5")
+    cfg, restored = load_pretrained(str(tmp_path / "umt5"), kind="umt5", **F32)
+    assert cfg == umt5_variant("tiny")
+    _umt5_check(restored, umt5_ref)
+    _, image = load_wan_clip(wan_clip_state(clip_ref), clip_variant("tiny"), **F32)
+    save_pretrained(str(tmp_path / "clip"), image, "wan_clip")
+    cfg, restored = load_pretrained(str(tmp_path / "clip"), kind="wan_clip", **F32)
+    assert cfg == clip_variant("tiny")
+    _clip_check(restored, clip_ref, cfg.output_layer)
