@@ -22,6 +22,7 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "conv1x1_to_io": lambda x: x.reshape(x.shape[0], x.shape[1]).T,  # [O, I, 1, ...] -> [I, O]
     "squeeze": lambda x: x.reshape(-1),  # e.g. VAE gammas [C, 1, 1, 1] -> [C]
     "flatten_to_1x2": lambda x: x.reshape(1, 2, -1),  # AdaLayerNorm bias [2D] -> table [1, 2, D]
+    "drop_leading_axis": lambda x: x.reshape(x.shape[1:]),  # e.g. Wan CLIP pos_embedding [1, L, D] -> [L, D]
 }
 
 

@@ -1,0 +1,148 @@
+"""Fill the conditioning cache: umT5 prompt embeddings and first-frame CLIP features (omnijax.conditioning).
+
+  python launch/encode.py --cache /data/cond --prompts "a quiet street" "" \
+      --video clips/*.mp4 --images still.png \
+      --umt5 /ckpt/Wan2.1/models_t5_umt5-xxl-enc-bf16.pth --tokenizer /ckpt/Wan2.1/google/umt5-xxl \
+      --clip /ckpt/Wan2.1/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth
+  python launch/encode.py --cache /tmp/cond --model tiny --prompts "a dog" --video clip.mp4   # random tiny encoders
+
+Encoders are PyTorch-side checkpoints (converted on load) or omnijax checkpoints from launch/convert.py.
+Entries already in the cache are skipped. DIR/encoders.json records the encoder identities, so a reader
+without the models (Conditioner(text_id=..., image_id=...)) finds the same entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+def read_first_frame(path: str) -> np.ndarray:
+    """The first frame of a video or an image file as float32 [H, W, 3] in [-1, 1] (decoded with PyAV)."""
+    import av
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such image or video: {path}")
+    try:
+        with av.open(path) as container:
+            frame = next(container.decode(video=0))
+    except (av.FFmpegError, StopIteration) as e:
+        raise ValueError(f"{path}: no decodable video frame ({e})") from e
+    rgb = frame.to_ndarray(format="rgb24")
+    return rgb.astype(np.float32) / 127.5 - 1.0
+
+
+def _load(kind: str, path: str, dtype):
+    """An encoder from a PyTorch-side checkpoint or an omnijax (launch/convert.py) directory."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "omnijax.json")):
+        from omnijax.checkpoint import load_pretrained
+
+        return load_pretrained(path, kind=kind, dtype=dtype, param_dtype=dtype)[1]
+    import converters
+
+    loader = converters.load_umt5 if kind == "umt5" else converters.load_wan_clip
+    return loader(path, dtype=dtype, param_dtype=dtype, progress=True)[1]
+
+
+def _write_json(path: str, data: dict):
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", required=True, help="cache directory (created if missing)")
+    p.add_argument("--prompts", nargs="*", default=[], help="prompts to encode ('' is the empty prompt)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--images", nargs="*", default=[], help="image files (their pixels are the CLIP input)")
+    p.add_argument("--video", nargs="*", default=[], help="videos (their first frame is the CLIP input)")
+    p.add_argument("--model", choices=["wan", "tiny"], default="wan", help="tiny: random tiny encoders (tests)")
+    p.add_argument("--umt5", help="umT5 checkpoint (Wan .pth, transformers, or omnijax directory)")
+    p.add_argument("--clip", help="CLIP checkpoint (Wan open-clip .pth, open_clip, transformers, or omnijax dir)")
+    p.add_argument("--tokenizer", help="tokenizer directory (Wan: google/umt5-xxl)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    args = p.parse_args(argv)
+
+    from converters.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from omnijax.conditioning import Conditioner, EmbeddingCache
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f]
+    frames = [*args.images, *args.video]
+    if not prompts and not frames:
+        p.error("nothing to encode: give --prompts/--prompts-file and/or --images/--video")
+    dtype = DTYPES[args.dtype]
+    os.makedirs(args.cache, exist_ok=True)
+    cond = Conditioner(EmbeddingCache(args.cache), max_length=args.max_length, batch_size=args.batch_size)
+    t0 = time.time()
+    try:
+        if prompts:
+            if args.model == "tiny":
+                from omnijax.models.wan.umt5 import UMT5Encoder, umt5_variant
+
+                cond.text_encoder = UMT5Encoder(umt5_variant("tiny"), dtype=dtype, param_dtype=dtype,
+                                                rngs=nnx.Rngs(0))
+                tok_dir = args.tokenizer or os.path.join(args.cache, "tiny_tokenizer")
+                if not os.path.isdir(tok_dir):
+                    build_tiny_tokenizer(tok_dir)
+            else:
+                if not (args.umt5 and args.tokenizer):
+                    p.error("prompts need --umt5 and --tokenizer (or --model tiny)")
+                cond.text_encoder, tok_dir = _load("umt5", args.umt5, dtype), args.tokenizer
+            cond.tokenizer = load_tokenizer(tok_dir)
+            for start in tqdm(range(0, len(prompts), args.batch_size), desc="prompts", unit="batch"):
+                cond.text(prompts[start:start + args.batch_size])
+        if frames:
+            if args.model == "tiny":
+                from omnijax.models.wan.clip import CLIPVisionTower, clip_variant
+
+                cond.image_encoder = CLIPVisionTower(clip_variant("tiny"), dtype=dtype, param_dtype=dtype,
+                                                     rngs=nnx.Rngs(0))
+            else:
+                if not args.clip:
+                    p.error("images/videos need --clip (or --model tiny)")
+                cond.image_encoder = _load("wan_clip", args.clip, dtype)
+            for path in tqdm(frames, desc="first frames", unit="frame"):
+                cond.image(read_first_frame(path)[None])
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    ids_path = os.path.join(args.cache, "encoders.json")
+    ids = {}
+    if os.path.isfile(ids_path):
+        with open(ids_path) as f:
+            ids = json.load(f)
+    if prompts:
+        ids["text"] = {"id": cond.text_id, "source": args.umt5 or "tiny", "max_length": args.max_length,
+                       "config": cond.text_encoder.config.to_dict()}
+    if frames:
+        ids["image"] = {"id": cond.image_id, "source": args.clip or "tiny",
+                        "config": cond.image_encoder.config.to_dict()}
+    _write_json(ids_path, ids)
+    print(json.dumps({"cache": os.path.abspath(args.cache), "prompts": len(prompts), "frames": len(frames),
+                      "seconds": round(time.time() - t0, 1), **{k: v["id"] for k, v in ids.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
