@@ -1,0 +1,80 @@
+"""Builders shared by the expert configs (big_vision style: one file per job, no copies).
+
+Colon-args (`configs/effect_expert.py:base=wan21_14b,frames=33,runlocal`) move several fields at once:
+  base      wan21_1_3b (default) | wan21_14b   which Wan2.1-Fun-InP base (sizes, default K, mesh rules)
+  res       480 (default) | 720 | WxH          training resolution (height; width for 16:9-ish 480p is 832)
+  frames    81 (default)                       pixel frames per clip (4k+1)
+  runlocal  (flag)                             tiny random models, procedural data, CPU, a few steps
+Everything else is `--config.key=value`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+BASES = {
+    "wan21_1_3b": dict(variant="1.3b-inp", mesh=dict(data=-1, fsdp=1, context=1, tensor=1)),
+    "wan21_14b": dict(variant="14b-inp", mesh=dict(data=1, fsdp=-1, context=1, tensor=1)),
+}
+RESOLUTIONS = {"480": (480, 832), "720": (720, 1280)}
+
+
+def parse_arg(arg: str | None) -> dict:
+    out = dict(base="wan21_1_3b", res="480", frames=81, runlocal=False)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in out:
+            raise ValueError(f"unknown config arg {key!r}; known: {', '.join(out)}")
+        out[key] = True if key == "runlocal" and not value else (int(value) if key == "frames" else value)
+    if out["base"] not in BASES:
+        raise ValueError(f"base must be one of {list(BASES)}, got {out['base']!r}")
+    return out
+
+
+def _resolution(res: str) -> tuple[int, int]:
+    if res in RESOLUTIONS:
+        return RESOLUTIONS[res]
+    w, _, h = res.partition("x")
+    return int(h), int(w)
+
+
+def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The full training config of one expert ("effect" or "quality")."""
+    a = parse_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    height, width = _resolution(a["res"])
+    c.input = dict(source="procedural", batch_size=1, frames=a["frames"], height=height, width=width,
+                   num_threads=4, fg_dir="", bg_dir="", conditioning_cache="")
+    c.model = dict(variant=BASES[a["base"]]["variant"], dtype="bf16", remat=True, attention="auto")
+    # Converted checkpoints (python launch/convert.py ...); "tiny" builds random tiny models.
+    c.model_init = dict(dit="", vae="", umt5="", clip="", tokenizer="")
+    c.lora = dict(rank=128 if expert == "effect" else 64, alpha=128.0 if expert == "effect" else 64.0,
+                  targets=("q", "k", "v", "o"), param_dtype="f32")
+    # K = number of last blocks the Effect Expert adapts: 0 = round(num_layers / 3) or `analysis` (a JSON
+    # written by launch/analyze_blocks.py).
+    c.expert = dict(name=expert, mask="B" if expert == "effect" else "C", k=0, analysis="")
+    c.schedule = dict(warmup_steps=100, decay="constant")
+    c.optax = dict(b1=0.9, b2=0.999, eps=1e-8)
+    c.lr = 1e-3
+    c.wd = 1e-2
+    c.grad_clip_norm = 1.0
+    c.loss = dict(shift=5.0, max_abs_error=50.0, nonfinite_patience=1)
+    c.mesh = dict(BASES[a["base"]]["mesh"])
+    c.sharding_rules = "fsdp"
+    c.total_steps = 8000
+    c.log_steps = 10
+    c.ckpt_steps = 500
+    c.keep_ckpt = 3
+    c.evals = dict(preview_steps=1000, preview_sampler_steps=4, export_formats=("omnijax", "kohya", "peft"))
+    c.sampler = dict(steps=4, tau=0.5)
+    if a["runlocal"]:
+        c.input.update(frames=9, height=64, width=64, num_threads=0)
+        c.model.update(variant="tiny-inp", dtype="f32", remat=False, attention="xla")
+        c.model_init = dict(dit="tiny", vae="tiny", umt5="tiny", clip="tiny", tokenizer="")
+        c.lora.update(rank=4, alpha=4.0)
+        c.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
+        c.schedule.warmup_steps = 2
+        c.total_steps, c.log_steps, c.ckpt_steps = 4, 1, 2
+        c.evals.update(preview_steps=4, preview_sampler_steps=2)
+    return c
