@@ -88,11 +88,21 @@ def make_sampler(effect_fn: Callable, quality_fn: Callable, *, donate_state: boo
         conditioning yourself (`split_windows`, `repeat_for_windows`) before the call.
     """
 
-    def run(z_init, sigmas, switch_index, cond=None, windows=None):
+    def run(z_init, sigmas, switch_index, cond, windows):
         return sample(functools.partial(_with_cond, effect_fn, cond), functools.partial(_with_cond, quality_fn, cond),
                       z_init, sigmas, switch_index, windows=windows)
 
-    return jax.jit(run, static_argnames=("windows",), donate_argnums=(0,) if donate_state else ())
+    jitted = jax.jit(run, static_argnames=("windows",), donate_argnums=(0,) if donate_state else ())
+
+    @functools.wraps(run)
+    def call(z_init, sigmas, switch_index, cond=None, windows=None):
+        # Fixed dtypes for the schedule arguments: a Python int (weakly typed) and an int32 array would
+        # otherwise be two different signatures and compile twice.
+        return jitted(z_init, jnp.asarray(sigmas, jnp.float32), jnp.asarray(switch_index, jnp.int32), cond,
+                      windows=windows)
+
+    call.jitted = jitted  # exposes the compile cache (e.g. `_cache_size()`) to tests
+    return call
 
 
 def _with_cond(expert, cond, state, sigma):
