@@ -14,8 +14,9 @@ import jax.numpy as jnp
 def euler_step(state, velocity, sigma, sigma_next):
     """One Euler step, computed in float32 and cast back to each state leaf's dtype.
 
-    Float32 because with bf16 latents the increment (sigma_next - sigma) * v is small next to x and would lose
-    most of its bits if added in bf16.
+    In float32 so that the only rounding is the final cast, once per step. (diffusers upcasts the sample but
+    multiplies the bf16 velocity by a 0-dim float32 dt, which torch computes in bf16: its increment is rounded
+    to bf16 before the add, a difference of at most one bf16 rounding of the increment per step.)
 
     Args:
         state: pytree of arrays (any dtype).

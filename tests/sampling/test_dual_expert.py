@@ -101,9 +101,10 @@ def test_bf16_state_steps_in_f32():
     for key in ref:
         assert out[key].dtype == jnp.bfloat16
         a, b = np.asarray(out[key], np.float32), np.asarray(ref[key], np.float32)
-        # At most one bf16 rounding apart (summation order inside the experts may differ).
-        np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-2)
-    # A bf16 Euler add would lose the small late steps; the f32 update keeps the result close to an all-f32 run.
+        # One rounding per step (f32 update, then the cast): bit-equal to the reference up to rare ties.
+        # Rounding the increment to bf16 first (as torch's bf16 * f32-scalar product does) leaves ~35 % unequal.
+        assert (a == b).mean() > 0.98, (a == b).mean()
+    # Close to an all-f32 run as well.
     f32 = sample(effect, quality, jax.tree.map(lambda a: a.astype(jnp.float32), z), sigmas, switch_index(sigmas, 0.5))
     assert _rel(out["alpha"], f32["alpha"]) < 2e-2
 

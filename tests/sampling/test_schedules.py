@@ -48,9 +48,11 @@ def test_bad_step_count():
 
 def test_switch_index():
     s4 = schedules.inference_sigmas(4)  # 1.0, 0.90971, 0.71732, 0.02441
-    assert [schedules.switch_index(s4, t) for t in (0.0, 0.02, 0.5, 0.8, 0.95, 1.0)] == [4, 4, 3, 2, 1, 0]
-    traced = jax.jit(schedules.switch_index)(s4, 0.5)
-    assert int(traced) == 3
+    taus = (0.0, 0.02, 0.5, float(s4[2]), 0.8, 0.95, 1.0)  # tau equal to a sigma: that step is the Quality Expert's
+    expected = [4, 4, 3, 2, 2, 1, 0]
+    assert [schedules.switch_index(s4, t) for t in taus] == expected
+    traced = jax.jit(schedules.switch_index)
+    assert [int(traced(s4, np.float32(t))) for t in taus] == expected
 
 
 def test_num_strata_rule():
