@@ -44,6 +44,9 @@ def quality(state, sigma):
 
 # The reference loop calls jitted copies of the same experts: op-by-op dispatch would dominate the test time.
 effect_jit, quality_jit = jax.jit(effect), jax.jit(quality)
+# One jitted sampler for the tests that do not count traces: the sigma table and switch index are traced, so
+# the cases with the same shapes share a compilation (keeps the suite fast).
+RUN = make_sampler(lambda s, g, c: effect(s, g), lambda s, g, c: quality(s, g))
 
 
 def _init(length, dtype=jnp.float32, batch=2, seed=0):
@@ -61,8 +64,7 @@ def _rel(a, b):
 def test_matches_reference_loop(steps, tau):
     sigmas = inference_sigmas(steps)
     z = _init(5)
-    run = jax.jit(lambda z, k: sample(effect, quality, z, sigmas, k))
-    out = run(z, switch_index(sigmas, tau))
+    out = RUN(z, sigmas, switch_index(sigmas, tau))
     ref = reference_sample(effect_jit, quality_jit, z, sigmas, tau)
     for key in ref:
         assert out[key].dtype == jnp.float32
@@ -73,7 +75,7 @@ def test_switch_matters():
     """The three tau regimes give three different results (effect only, quality only, mixed)."""
     sigmas = inference_sigmas(4)
     z = _init(5)
-    outs = [np.asarray(sample(effect, quality, z, sigmas, switch_index(sigmas, t))["alpha"]) for t in (0.0, 0.5, 1.0)]
+    outs = [np.asarray(RUN(z, sigmas, switch_index(sigmas, t))["alpha"]) for t in (0.0, 0.5, 1.0)]
     assert _rel(outs[0], outs[1]) > 1e-2 and _rel(outs[1], outs[2]) > 1e-2 and _rel(outs[0], outs[2]) > 1e-2
 
 
@@ -82,20 +84,19 @@ def test_multidiffusion_matches_reference_loop(length):
     sigmas = inference_sigmas(4)
     z = _init(length, batch=2)
     win = TemporalWindows(length)
-    run = make_sampler(lambda s, g, c: effect(s, g), lambda s, g, c: quality(s, g))
-    out = run(z, sigmas, switch_index(sigmas, 0.5), windows=win)
+    out = RUN(z, sigmas, switch_index(sigmas, 0.5), windows=win)
     ref = reference_sample(effect_jit, quality_jit, z, sigmas, 0.5, window=21, overlap=4)
     for key in ref:
         assert _rel(out[key], ref[key]) < 1e-5, key
     # Without windows the time mixing sees all frames at once: a different answer, so the windows mattered.
-    plain = sample(effect, quality, z, sigmas, switch_index(sigmas, 0.5))
+    plain = RUN(z, sigmas, switch_index(sigmas, 0.5))
     assert _rel(plain["alpha"], ref["alpha"]) > 1e-3
 
 
 def test_bf16_state_steps_in_f32():
     sigmas = inference_sigmas(4)
     z = _init(5, dtype=jnp.bfloat16)
-    out = jax.jit(lambda z: sample(effect, quality, z, sigmas, switch_index(sigmas, 0.5)))(z)
+    out = RUN(z, sigmas, switch_index(sigmas, 0.5))
     ref = reference_sample(effect_jit, quality_jit, jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), z),
                            sigmas, 0.5)
     for key in ref:
@@ -105,7 +106,7 @@ def test_bf16_state_steps_in_f32():
         # Rounding the increment to bf16 first (as torch's bf16 * f32-scalar product does) leaves ~35 % unequal.
         assert (a == b).mean() > 0.98, (a == b).mean()
     # Close to an all-f32 run as well.
-    f32 = sample(effect, quality, jax.tree.map(lambda a: a.astype(jnp.float32), z), sigmas, switch_index(sigmas, 0.5))
+    f32 = RUN(jax.tree.map(lambda a: a.astype(jnp.float32), z), sigmas, switch_index(sigmas, 0.5))
     assert _rel(out["alpha"], f32["alpha"]) < 2e-2
 
 
