@@ -54,7 +54,7 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     # K = number of last blocks the Effect Expert adapts: 0 = round(num_layers / 3) or `analysis` (a JSON
     # written by launch/analyze_blocks.py).
     c.expert = dict(name=expert, mask="B" if expert == "effect" else "C", k=0, analysis="")
-    c.schedule = dict(warmup_steps=100, decay="constant")
+    c.schedule = dict(warmup_steps=100, decay_type="constant")
     c.optax = dict(b1=0.9, b2=0.999, eps=1e-8)
     c.lr = 1e-3
     c.wd = 1e-2

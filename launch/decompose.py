@@ -117,27 +117,9 @@ def build_decomposer(args):
     return Decomposer(effect, quality, vae, cond, attention_backend=args.attention)
 
 
-def checkerboard(h, w, cell=16):
-    yy, xx = np.mgrid[:h, :w]
-    return np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 0.8, 0.55).astype(np.float32)
-
-
-def preview(video, alphas, foregrounds, background, n_frames=4):
-    """Contact sheet rows: input, then per object alpha and foreground over a checkerboard, then background."""
-    f, h, w, _ = video.shape
-    idx = np.linspace(0, f - 1, min(n_frames, f)).round().astype(int)
-    board = checkerboard(h, w)
-    rows = [video[idx]]
-    for a, fg in zip(alphas, foregrounds):
-        rows.append(np.repeat(a[idx][..., None], 3, -1))
-        rows.append(a[idx][..., None] * fg[idx] + (1 - a[idx][..., None]) * board)
-    rows.append(background[idx])
-    sheet = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    return (np.clip(sheet, 0, 1) * 255).round().astype(np.uint8)
-
-
 def write_outputs(tmp, video, background, alphas, foregrounds, fps):
     from omnijax.io.video import write_frames, write_image, write_rgba_video, write_video
+    from omnijax.omnimatte.preview import contact_sheet
 
     to8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
     write_video(os.path.join(tmp, "background.mp4"), to8(background), fps)
@@ -148,7 +130,7 @@ def write_outputs(tmp, video, background, alphas, foregrounds, fps):
         write_frames(os.path.join(d, "rgba"), rgba)
         write_rgba_video(os.path.join(d, "rgba.webm"), rgba, fps)
         write_video(os.path.join(d, "alpha.mp4"), to8(np.repeat(a[..., None], 3, -1)), fps)
-    write_image(os.path.join(tmp, "preview.png"), preview(video, alphas, foregrounds, background))
+    write_image(os.path.join(tmp, "preview.png"), contact_sheet(video, alphas, foregrounds, background))
 
 
 def run(args) -> dict:
