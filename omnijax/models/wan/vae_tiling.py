@@ -32,8 +32,8 @@ DECODE_TOLERANCE = 0.1  # relative L2, tiled vs untiled decode, tiny random mode
 class TileSpec:
     """Tile layout in latent units: tiles of at most `tile` x `tile` latents overlapping by >= `overlap`."""
 
-    tile: int = 48
-    overlap: int = 8
+    tile: int = 64
+    overlap: int = 12
 
     def __post_init__(self):
         if self.overlap < 1 or self.tile <= self.overlap:
