@@ -16,7 +16,7 @@ from flax import nnx
 
 from converters import load_wan_vae
 from omnijax.models.wan.vae import VAEConfig, WanVAE, pad_video, vae_variant
-from omnijax.models.wan.vae_tiling import DECODE_TOLERANCE, TileSpec, tile_starts, tiled_apply
+from omnijax.models.wan.vae_tiling import TILE_TOLERANCE, TileSpec, tile_starts, tiled_apply
 from omnijax.params import count_params
 from tests.torch_refs import rel_err, to_numpy_state
 
@@ -138,7 +138,7 @@ def test_tiled_blend_is_exact_for_a_local_map():
     np.testing.assert_allclose(got, fn(x), rtol=1e-6, atol=1e-6)
 
 
-def test_tiled_decode_close_to_untiled(pair):
+def test_tiled_decode_and_encode_close_to_untiled(pair):
     _, model, _ = pair
     z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 24, 32, 16)), jnp.float32)
     graphdef, state = nnx.split(model)
@@ -148,9 +148,16 @@ def test_tiled_decode_close_to_untiled(pair):
     tiled = decode(state, z, TileSpec(tile=16, overlap=8))
     assert tiled.shape == full.shape == (1, 1, 192, 256, 3)
     err = rel_err(tiled, full)
-    assert 0 < err <= DECODE_TOLERANCE, err
+    assert 0 < err <= TILE_TOLERANCE, err
     # one tile covering the whole frame is the untiled decode
     np.testing.assert_allclose(decode(state, z, TileSpec(tile=32, overlap=8)), full, rtol=1e-5, atol=1e-5)
+
+    video = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (1, 1, 192, 256, 3)), jnp.float32)
+    encode = jax.jit(lambda s, v, tile: nnx.merge(graphdef, s).encode(v, mode="whole", tile=tile),
+                     static_argnames="tile", compiler_options=FAST_COMPILE)
+    full = encode(state, video, None)
+    err = rel_err(encode(state, video, TileSpec(tile=16, overlap=8)), full)
+    assert 0 < err <= TILE_TOLERANCE, err
 
 
 def test_bad_inputs_raise_named_errors(pair):
