@@ -127,7 +127,7 @@ class EasyOmnimatte(nnx.Module):
                                 freeze_background=freeze_bg)
 
         if remat:
-            step = nnx.remat(step)
+            step = _rematerialized(step)
         for i, blk in enumerate(base.blocks):
             if train and i == first:
                 # No LoRA upstream: no backward pass is needed through the earlier blocks.
@@ -139,6 +139,22 @@ class EasyOmnimatte(nnx.Module):
         if train:
             return None, v_alpha
         return base.unpatchify(base.head(x_b, e), grid), v_alpha
+
+
+def _rematerialized(step):
+    """jax.checkpoint over a block step. The modules go in as (graphdef, state) and are merged inside, so
+    the checkpoint is a pure function (nnx.remat writes state back to its module arguments, which fails when
+    the model itself was merged inside an outer jax transform such as jax.jit(jax.grad(...)))."""
+
+    def wrapped(blk, lora, x_b, x_a):
+        graphdef, state = nnx.split((blk, lora))
+
+        def pure(state, x_b, x_a):
+            return step(*nnx.merge(graphdef, state), x_b, x_a)
+
+        return jax.checkpoint(pure)(state, x_b, x_a)
+
+    return wrapped
 
 
 def lora_state(model) -> nnx.State:
