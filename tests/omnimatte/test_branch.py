@@ -140,3 +140,33 @@ def test_bad_expert_configs():
     with pytest.raises(ValueError, match="does not exist"):
         EasyOmnimatte(tiny_base(), ExpertConfig("x", 4, 4.0, (7,), "B"), rngs=nnx.Rngs(0))
     assert ExpertConfig.from_dict(effect_expert(30).to_dict()) == effect_expert(30)
+
+
+def _count_dots(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for v in eqn.params.values():  # sub-jaxprs of pjit, custom_vjp, checkpoint, ...
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                n += _count_dots(inner)
+    return n
+
+
+def test_backward_skips_blocks_before_the_first_adapted_one():
+    """An extra frozen block in front of the Effect Expert's adapted block adds forward matmuls only."""
+    d = inputs(2)
+    target = jnp.ones(d["z_alpha"].shape)
+    counts = {}
+    for layers in (2, 3):
+        model = EasyOmnimatte(tiny_base(num_layers=layers), effect_expert(layers, 1, rank=4, alpha=4.0),
+                              rngs=nnx.Rngs(0))
+        graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+        loss = _loss_fn(d, target)
+        pure = lambda lora, rest, g=graphdef, f=loss: f(nnx.merge(g, lora, rest), d["z_bg"], d["z_alpha"])
+        fwd = _count_dots(jax.make_jaxpr(pure)(lora, rest).jaxpr)
+        bwd = _count_dots(jax.make_jaxpr(jax.grad(pure))(lora, rest).jaxpr)
+        counts[layers] = (fwd, bwd)
+    (f2, g2), (f3, g3) = counts[2], counts[3]
+    assert f3 > f2 and g3 - g2 == f3 - f2  # no backward matmul for the extra frozen block
+    assert g2 > f2  # the adapted block does have a backward pass
