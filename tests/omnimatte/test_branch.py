@@ -82,7 +82,7 @@ def _loss_fn(d, target, **kw):
 
 @pytest.mark.parametrize("which", ["effect", "quality"])
 def test_gradients_only_where_lora_lives(which):
-    base = tiny_base()
+    base = tiny_base(num_layers=2)
     eff, qual = experts(base, targets=("self_attn.q", "self_attn.o", "cross_attn.k", "ffn.linear_2"))
     model = eff if which == "effect" else qual
     randomize_lora_b(model)
