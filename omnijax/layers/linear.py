@@ -21,9 +21,13 @@ class Linear(nnx.Module):
                                                    -bound, bound))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
-    def __call__(self, x):
+    def __call__(self, x, lora=None):
+        """x [..., I] -> [..., O]. `lora` (a module mapping x to a [..., O] delta, e.g. omnijax.layers.lora.LoRA)
+        adds its low-rank delta to these tokens; the frozen kernel is never merged with it."""
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                        preferred_element_type=jnp.float32 if self.dtype == jnp.float32 else None)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
+        if lora is not None:
+            y = y + lora(x).astype(y.dtype)
         return y.astype(self.dtype)

@@ -36,6 +36,11 @@ def _gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
+def _pick(lora, name):
+    """The adapter for sub-linear `name` from an optional {name: LoRA} mapping (None: plain frozen linear)."""
+    return None if lora is None else lora.get(name)
+
+
 class MLP(nnx.Module):
     """Linear -> activation -> Linear (names linear_1 / linear_2)."""
 
@@ -44,8 +49,9 @@ class MLP(nnx.Module):
         self.linear_2 = Linear(dhidden, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.act = act
 
-    def __call__(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+    def __call__(self, x, lora=None):
+        """`lora`: optional {"linear_1"|"linear_2": adapter} applied to these tokens (branch LoRA)."""
+        return self.linear_2(self.act(self.linear_1(x, _pick(lora, "linear_1"))), _pick(lora, "linear_2"))
 
 
 class PatchEmbed(nnx.Module):
@@ -82,17 +88,20 @@ class SelfAttention(nnx.Module):
         self.norm_k = RMSNorm(cfg.dim, eps=cfg.eps)
         self.num_heads = cfg.num_heads
 
-    def qkv(self, x, cos, sin):
-        """x [B, L, D] -> rotated q, k and v, each [B, L, N, K]."""
+    def qkv(self, x, cos, sin, lora=None):
+        """x [B, L, D] -> rotated q, k and v, each [B, L, N, K]. `lora`: optional {"q"|"k"|"v": adapter}."""
         split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
-        q = apply_rope(split(self.norm_q(self.q(x))), cos, sin)
-        k = apply_rope(split(self.norm_k(self.k(x))), cos, sin)
-        return q, k, split(self.v(x))
+        q = apply_rope(split(self.norm_q(self.q(x, _pick(lora, "q")))), cos, sin)
+        k = apply_rope(split(self.norm_k(self.k(x, _pick(lora, "k")))), cos, sin)
+        return q, k, split(self.v(x, _pick(lora, "v")))
+
+    def project(self, out, lora=None):
+        """Attention output [B, L, N, K] -> [B, L, D] through o (optionally adapted)."""
+        return self.o(out.reshape(*out.shape[:-2], -1), _pick(lora, "o"))
 
     def __call__(self, x, cos, sin, attn_fn: AttnFn):
         q, k, v = self.qkv(x, cos, sin)
-        out = attn_fn(q, k, v)
-        return self.o(out.reshape(*out.shape[:-2], -1))
+        return self.project(attn_fn(q, k, v))
 
 
 class CrossAttention(nnx.Module):
@@ -109,14 +118,17 @@ class CrossAttention(nnx.Module):
         self.is_i2v = cfg.is_i2v
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x, text, image, *, backend: str):
+    def __call__(self, x, text, image, *, backend: str, lora=None):
+        """`lora`: optional {name: adapter} over q, k, v, o, k_img, v_img. Adapters on k/v act on the context
+        tokens, so a branch that uses them sees its own adapted text/image keys and values."""
         split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
-        q = split(self.norm_q(self.q(x)))
-        out = attention(q, split(self.norm_k(self.k(text))), split(self.v(text)), backend=backend)
+        q = split(self.norm_q(self.q(x, _pick(lora, "q"))))
+        out = attention(q, split(self.norm_k(self.k(text, _pick(lora, "k")))), split(self.v(text, _pick(lora, "v"))),
+                        backend=backend)
         if self.is_i2v:
-            k_img = split(self.norm_k_img(self.k_img(image)))
-            out = out + attention(q, k_img, split(self.v_img(image)), backend=backend)
-        return self.o(out.reshape(*out.shape[:-2], -1))
+            k_img = split(self.norm_k_img(self.k_img(image, _pick(lora, "k_img"))))
+            out = out + attention(q, k_img, split(self.v_img(image, _pick(lora, "v_img"))), backend=backend)
+        return self.o(out.reshape(*out.shape[:-2], -1), _pick(lora, "o"))
 
 
 def _residual(x, y, gate=None):
@@ -136,15 +148,31 @@ class WanBlock(nnx.Module):
         self.ffn = MLP(cfg.dim, cfg.ffn_dim, cfg.dim, _gelu_tanh, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
+    # The block in two phases around self-attention, so the branch model (omnijax.omnimatte) can run the
+    # self-attention of two token sets jointly (structured masks) and everything else per set.
+    def modulate(self, e0):
+        """e0 [B, 6, D] f32 -> the six modulation slots, each [B, 1, D] f32."""
+        mod = self.modulation[...] + e0
+        return tuple(mod[:, i:i + 1] for i in range(6))
+
+    def attn_input(self, x, mod):
+        """Modulated self-attention input h [B, L, D] in `dtype`."""
+        shift_sa, scale_sa = mod[0], mod[1]
+        return (self.norm1(x.astype(F32)) * (1 + scale_sa) + shift_sa).astype(self.dtype)
+
+    def finish(self, x, attn_out, mod, text, image, *, backend: str, lora=None):
+        """Gated self-attention residual, cross-attention and FFN. `lora`: optional {"cross_attn"|"ffn": {...}}."""
+        gate_sa, shift_ff, scale_ff, gate_ff = mod[2], mod[3], mod[4], mod[5]
+        x = _residual(x, attn_out, gate_sa)
+        x = _residual(x, self.cross_attn(self.norm3(x), text, image, backend=backend, lora=_pick(lora, "cross_attn")))
+        h = (self.norm2(x.astype(F32)) * (1 + scale_ff) + shift_ff).astype(self.dtype)
+        return _residual(x, self.ffn(h, _pick(lora, "ffn")), gate_ff)
+
     def __call__(self, x, e0, text, image, cos, sin, *, attn_fn: AttnFn, backend: str):
         """x [B, L, D]; e0 [B, 6, D] f32; text [B, S, D]; image [B, 257, D] or None."""
-        mod = self.modulation[...] + e0  # [B, 6, D] f32
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (mod[:, i:i + 1] for i in range(6))
-        h = (self.norm1(x.astype(F32)) * (1 + scale_sa) + shift_sa).astype(self.dtype)
-        x = _residual(x, self.self_attn(h, cos, sin, attn_fn), gate_sa)
-        x = _residual(x, self.cross_attn(self.norm3(x), text, image, backend=backend))
-        h = (self.norm2(x.astype(F32)) * (1 + scale_ff) + shift_ff).astype(self.dtype)
-        return _residual(x, self.ffn(h), gate_ff)
+        mod = self.modulate(e0)
+        h = self.attn_input(x, mod)
+        return self.finish(x, self.self_attn(h, cos, sin, attn_fn), mod, text, image, backend=backend)
 
 
 class Head(nnx.Module):

@@ -1,0 +1,51 @@
+"""Low-rank adapters (LoRA) kept apart from the frozen weights they adapt.
+
+Axis letters: I input features, O output features, R rank.
+
+An adapter computes the delta (alpha / R) * B(A x) with A [I, R] and B [R, O] stored as `nnx.LoRAParam`, so
+`nnx.state(model, nnx.LoRAParam)` is exactly the trainable set (optimizer `wrt=nnx.LoRAParam`, LoRA-only
+checkpoints, sharding rules), while the frozen base stays plain `nnx.Param`. The delta is never merged into
+the base kernel: the branch model applies it to one token set only, which a merged weight cannot do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class LoRA(nnx.Module):
+    """One adapter: `__call__(x [..., I]) -> delta [..., O]` in `dtype`."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.dtype = dtype
+        # Kaiming-uniform with a = sqrt(5) over fan_in = I (torch's Linear default and PEFT's lora_A init):
+        # gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound = gain * sqrt(3 / fan_in) = 1 / sqrt(I).
+        bound = math.sqrt(1.0 / 3.0) * math.sqrt(3.0 / in_features)
+        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound))
+        # B = 0 makes a fresh adapter the identity of the frozen model.
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def __call__(self, x):
+        pet = jnp.float32 if self.dtype == jnp.float32 else None
+        h = jnp.einsum("...i,ir->...r", x.astype(self.dtype), self.lora_a[...].astype(self.dtype),
+                       preferred_element_type=pet).astype(self.dtype)
+        y = jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(self.dtype), preferred_element_type=pet)
+        return (y * self.scale).astype(self.dtype)
+
+
+def lora_param_count(in_features: int, out_features: int, rank: int) -> int:
+    """Closed form: A has I*R entries, B has R*O."""
+    return rank * (in_features + out_features)

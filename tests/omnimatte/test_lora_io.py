@@ -1,0 +1,97 @@
+"""LoRA files: exact round trips in the three namings, the published key spellings, and clear errors."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from omnijax.omnimatte import lora_io
+from omnijax.omnimatte.branch import EasyOmnimatte
+from omnijax.omnimatte.experts import ExpertConfig, effect_expert
+from tests.omnimatte.helpers import randomize_lora_b, tiny_base
+
+TARGETS = ("self_attn.q", "self_attn.o", "cross_attn.k_img", "ffn.linear_1", "ffn.linear_2")
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = tiny_base(num_layers=12)  # block indices 1 and 11 share a prefix: the name table must not confuse them
+    expert = ExpertConfig("e", 4, 6.0, (1, 11), "B", TARGETS)
+    src = EasyOmnimatte(base, expert, lora_param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    randomize_lora_b(src)
+    return base, expert, src
+
+
+def _flat(model):
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(
+        nnx.state(model, nnx.LoRAParam))}
+
+
+@pytest.mark.parametrize("fmt", lora_io.FORMATS)
+def test_round_trip_is_exact(models, fmt, tmp_path):
+    base, expert, src = models
+    path = str(tmp_path / f"lora_{fmt}.safetensors")
+    lora_io.save_lora(path, src, fmt=fmt)
+    dst = EasyOmnimatte(base, expert, lora_param_dtype=jnp.bfloat16, rngs=nnx.Rngs(7))
+    lora_io.load_lora(path, dst)
+    a, b = _flat(src), _flat(dst)
+    assert a.keys() == b.keys() and len(a) == 2 * 2 * len(TARGETS)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == jnp.bfloat16 and np.array_equal(a[k], b[k]), k
+    # The file describes its own expert (blocks, targets, rank, alpha).
+    got = lora_io.expert_from_lora(path, mask="B", name="e")
+    assert (got.blocks, got.targets, got.rank, got.alpha) == (expert.blocks, expert.targets, 4, 6.0)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".lora-")]  # no temporary left
+
+
+def test_published_key_spellings(models):
+    _, _, src = models
+    peft = lora_io.lora_keys(src, "peft")
+    kohya = lora_io.lora_keys(src, "kohya")
+    assert "transformer.blocks.1.attn1.to_q.lora_A.weight" in peft
+    assert "transformer.blocks.11.attn1.to_out.0.lora_B.weight" in peft
+    assert "transformer.blocks.1.attn2.add_k_proj.lora_A.weight" in peft
+    assert "transformer.blocks.11.ffn.net.0.proj.lora_B.weight" in peft
+    assert "lora_unet__blocks_1_self_attn_q.lora_down.weight" in kohya
+    assert "lora_unet__blocks_11_cross_attn_k_img.lora_up.weight" in kohya
+    assert "lora_unet__blocks_1_ffn_2.alpha" in kohya
+    tensors, _ = lora_io.lora_tensors(src, "kohya")
+    down = tensors["lora_unet__blocks_1_ffn_0.lora_down.weight"]
+    up = tensors["lora_unet__blocks_1_ffn_0.lora_up.weight"]
+    assert down.shape == (4, 64) and up.shape == (128, 4)  # torch layout [R, I] / [O, R]
+    assert float(tensors["lora_unet__blocks_1_ffn_0.alpha"]) == 6.0
+
+
+def test_alpha_folding_preserves_the_delta(models):
+    base, expert, src = models
+    tensors, _ = lora_io.lora_tensors(src, "kohya")
+    tensors = {k: (np.asarray(3.0, np.float32) if k.endswith(".alpha") else v) for k, v in tensors.items()}
+    dst = EasyOmnimatte(base, expert, rngs=nnx.Rngs(2))  # f32 adapters, alpha 6
+    lora_io.load_lora(tensors, dst)
+    ad_src, ad_dst = src.lora.for_block(1)["self_attn"]["q"], dst.lora.for_block(1)["self_attn"]["q"]
+    np.testing.assert_allclose(np.asarray(ad_dst.lora_b.get_value()),
+                               np.asarray(ad_src.lora_b.get_value(), np.float32) * 0.5, rtol=1e-6)
+
+
+def test_errors_name_the_problem(models):
+    base, expert, src = models
+    tensors, meta = lora_io.lora_tensors(src, "peft")
+    dst = EasyOmnimatte(base, expert, rngs=nnx.Rngs(3))
+    with pytest.raises(lora_io.LoRAFileError, match="name no branch-LoRA target"):
+        lora_io.load_lora({**tensors, "transformer.time_embedding.0.lora_A.weight": np.zeros((4, 2))}, dst)
+    missing = {k: v for k, v in tensors.items() if ".blocks.11.attn1.to_q." not in k}
+    with pytest.raises(lora_io.LoRAFileError, match="missing from the file"):
+        lora_io.load_lora(missing, dst)
+    other = EasyOmnimatte(base, ExpertConfig("r8", 8, 6.0, (1, 11), "B", TARGETS), rngs=nnx.Rngs(4))
+    with pytest.raises(lora_io.LoRAFileError, match="rank"):
+        lora_io.load_lora(tensors, other)
+    k20 = EasyOmnimatte(base, effect_expert(12, 2, rank=4, alpha=6.0, targets=TARGETS), rngs=nnx.Rngs(5))
+    with pytest.raises(lora_io.LoRAFileError, match="not in the model"):
+        lora_io.load_lora(tensors, k20)
+    half = {k: v for k, v in tensors.items() if "lora_B" not in k}
+    with pytest.raises(lora_io.LoRAFileError, match="both matrices"):
+        lora_io.load_lora(half, dst)
+    with pytest.raises(lora_io.LoRAFileError, match="known format"):
+        lora_io.load_lora({"foo.weight": np.zeros(2)}, dst)
+    # Non-strict loading skips keys that name no target (e.g. VideoX-Fun's embedding adapters).
+    lora_io.load_lora({**tensors, "transformer.time_embedding.0.lora_A.weight": np.zeros((4, 2))}, dst, strict=False)
