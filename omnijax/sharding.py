@@ -197,7 +197,8 @@ def _axis_size(mesh: Mesh, names) -> int:
 def check_divides(path: str, shape: Sequence[int], spec: P, mesh: Mesh, rule: str) -> None:
     """Raises ShardingError naming the parameter and spec when `spec` cannot shard `shape` on `mesh`."""
     if len(spec) > len(shape):
-        raise ShardingError(f"{path} {tuple(shape)}: spec {spec} (rule {rule!r}) has more entries than the array has dims")
+        raise ShardingError(f"{path} {tuple(shape)}: spec {spec} (rule {rule!r}) has more entries than the array "
+                            "has dims")
     for dim, names in zip(shape, spec):
         size = _axis_size(mesh, names)
         if dim % size:
