@@ -91,8 +91,10 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self.wrt = wrt
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("params", "opt", "rng", "meta"))
+        # Handlers named up front so metadata and partial restores work on a fresh manager (a resumed run).
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                    "rng": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # --- queries
     def latest_step(self) -> int | None:

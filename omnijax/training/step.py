@@ -59,13 +59,14 @@ class TrainStep:
             return out if self.has_aux else (out, {})
 
         (loss, aux), grads = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt), has_aux=True)(model)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        before = (nnx.state(model, wrt), nnx.state(opt))
+        # nnx.state shares the Variable objects with the module, so snapshot the arrays themselves.
+        snapshot = lambda: jax.tree.map(lambda x: x, (nnx.state(model, wrt), nnx.state(opt)))
+        before = snapshot()
         opt.update(model, grads)
         if self.skip_nonfinite:
-            after = (nnx.state(model, wrt), nnx.state(opt))
-            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before)
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), snapshot(), before)
             nnx.update(model, kept[0])
             nnx.update(opt, kept[1])
         metrics = dict(aux, loss=loss, grad_norm=grad_norm, finite=finite)

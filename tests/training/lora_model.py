@@ -48,3 +48,20 @@ def make_batch(step: int, batch: int = 8, tokens: int = 4, dim: int = 16):
     key = jax.random.fold_in(jax.random.key(1234), step)
     x = jax.random.normal(key, (batch, tokens, dim))
     return {"x": x, "y": jnp.sin(x) * 0.5}
+
+
+RULES = [(r"kernel$", ("fsdp", None)), (".*", None)]
+OPT_CONFIG = dict(lr=1e-2, wd=1e-2, grad_clip_norm=1.0, total_steps=6,
+                  schedule=dict(warmup_steps=2, decay_type="cosine", warmup_init=0.5))
+
+
+def build(mesh=None, seed: int = 0):
+    """(model, optimizer) of TinyLoRANet; sharded by RULES when a mesh is given (call under jax.set_mesh)."""
+    from omnijax import sharding
+    from omnijax.training.optim import make_optimizer
+
+    model = TinyLoRANet(rngs=nnx.Rngs(seed))
+    if mesh is not None:
+        sharding.shard_module(model, RULES, mesh, print_fn=None)
+    tx, _ = make_optimizer(OPT_CONFIG)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
