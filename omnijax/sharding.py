@@ -321,6 +321,56 @@ def shard_module(module: nnx.Module, rules: str | Sequence[Sequence], mesh: Mesh
     return shardings
 
 
+def _placed_state(abstract: nnx.Module, shardings: Mapping[str, NamedSharding], leaf):
+    """(graphdef, state) of an abstract module with each leaf mapped by leaf(value, sharding); specs recorded."""
+    graphdef, state = nnx.split(abstract)
+    leaves = []
+    for p, var in nnx.to_flat_state(state):
+        key = path_str(p)
+        if key in shardings:
+            set_variable_spec(var, shardings[key].spec)
+            var = var.replace(leaf(var.get_value(), shardings[key]))
+        leaves.append((p, var))
+    return graphdef, nnx.from_flat_state(leaves)
+
+
+def abstract_sharded(make: Callable[[], nnx.Module], rules: str | Sequence[Sequence], mesh: Mesh, *,
+                     print_fn: Callable[[str], None] | None = print):
+    """An abstract module (no allocation) whose leaves are ShapeDtypeStruct carrying their NamedSharding.
+
+    This is the target to restore or load into: orbax and `omnijax.params.build_with_params` read each array
+    straight into its shards. Returns (abstract module, {path: NamedSharding}).
+    """
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(make)
+    shardings = param_shardings(abstract, rules, mesh, print_fn=print_fn)
+    graphdef, state = _placed_state(abstract, shardings,
+                                    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
+    return nnx.merge(graphdef, state), shardings
+
+
+def init_sharded(make: Callable[[], nnx.Module], rules: str | Sequence[Sequence], mesh: Mesh, *,
+                 print_fn: Callable[[str], None] | None = print):
+    """Runs `make()` (random init) under jit with every output leaf born on its shards: the full model never
+    sits on one device. Specs are recorded in the variables' metadata as `shard_module` does.
+
+    Returns (module, {path: NamedSharding}).
+    """
+    abstract, shardings = abstract_sharded(make, rules, mesh, print_fn=print_fn)
+    graphdef, target = nnx.split(abstract)
+    out_shardings = jax.tree.map(lambda x: x.sharding, target)
+    with jax.set_mesh(mesh):
+        def init():
+            module = make()
+            for p, var in nnx.to_flat_state(nnx.state(module, nnx.Variable)):
+                if path_str(p) in shardings:
+                    set_variable_spec(var, shardings[path_str(p)].spec)
+            return nnx.split(module)[1]
+
+        state = jax.jit(init, out_shardings=out_shardings)()
+    return nnx.merge(graphdef, state), shardings
+
+
 def tree_shardings(tree, mesh: Mesh | None = None):
     """The NamedSharding tree of a pytree of arrays (their current placement) or, with `mesh`, of the specs
     recorded in its Variables' metadata (unannotated leaves replicated)."""

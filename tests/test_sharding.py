@@ -176,3 +176,26 @@ def test_constrain_logical_names():
     assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "context", None)), 3)
     assert y1.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "context", None)), 3)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x) * 2)
+
+
+def test_init_sharded_equals_eager_init_and_is_placed():
+    mesh = S.make_mesh({"data": 2, "fsdp": 4})
+    rules = [(r"kernel$", P("fsdp", None)), (".*", P())]
+    make = lambda: TinyLoRANet(dim=16, hidden=32, rank=4, rngs=nnx.Rngs(3))
+    model, sh = S.init_sharded(make, rules, mesh, print_fn=None)
+    eager = make()
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key = ".".join(map(str, path))
+        value = var.get_value()
+        assert value.sharding.is_equivalent_to(sh[key], value.ndim), key
+        assert S.variable_spec(var) == sh[key].spec
+    for (pa, a), (pb, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                nnx.to_flat_state(nnx.state(eager, nnx.Param))):
+        assert pa == pb
+        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-6, atol=1e-7)
+    assert model.fc2.lora.lora_b[...].sharding.spec == P(None, None)
+    assert model.fc1.lora.lora_a[...].addressable_shards[0].data.shape == (4, 4)
+    # The abstract twin carries concrete NamedShardings (what orbax needs to restore into shards).
+    abstract, _ = S.abstract_sharded(make, rules, mesh, print_fn=None)
+    sds = abstract.fc1.kernel.get_value()
+    assert isinstance(sds, jax.ShapeDtypeStruct) and sds.sharding == sh["fc1.kernel"]

@@ -130,16 +130,15 @@ class Checkpointer:
         return self._manager.save(int(step), args=args, force=force)
 
     # --- restore
-    def _read(self, step: int, params_target: dict, opt_target: dict):
+    def _read(self, step: int, params_target: dict, opt_target: dict | None):
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         key_target = {"key": jax.ShapeDtypeStruct((2,) if meta["rng_impl"] is None else
                                                   self._key_shape(meta["rng_impl"]), jnp.uint32)}
+        items = dict(params=ocp.args.StandardRestore(params_target), rng=ocp.args.StandardRestore(key_target))
+        if opt_target is not None:
+            items["opt"] = ocp.args.StandardRestore(opt_target)
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params_target),
-                opt=ocp.args.StandardRestore(opt_target),
-                rng=ocp.args.StandardRestore(key_target),
-            ))
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit the target: {e}") from e
         return out, meta
@@ -148,10 +147,13 @@ class Checkpointer:
     def _key_shape(impl: str) -> tuple[int, ...]:
         return tuple(jax.random.key_data(jax.random.key(0, impl=impl)).shape)
 
-    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer, *, step: int | None = None) -> Restored | None:
-        """Writes checkpoint `step` (default: the latest) into the model's trainable variables and the
-        optimizer, each array placed like the target's current (or abstract) value.
+    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *,
+                step: int | None = None) -> Restored | None:
+        """Writes checkpoint `step` (default: the latest) into the model's trainable variables and, if given,
+        the optimizer; each array is read straight into the placement of the target's current value, or of
+        its abstract value (jax.ShapeDtypeStruct with a sharding, see omnijax.sharding.abstract_sharded).
 
+        Without an optimizer only the adapters are read (e.g. to sample with a training checkpoint).
         Returns None when the directory holds no checkpoint.
         Raises:
           CheckpointError: the checkpoint's arrays do not match the targets (names listed).
@@ -162,15 +164,17 @@ class Checkpointer:
             return None
         if step not in self.all_steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
-        params_vars = _flat(nnx.state(model, self.wrt))
-        opt_vars = _flat(nnx.state(optimizer))
-        self._check_names(step, "params", params_vars)
-        self._check_names(step, "opt", opt_vars)
-        out, meta = self._read(step, {k: _abstract(v.get_value()) for k, v in params_vars.items()},
-                               {k: _abstract(v.get_value()) for k, v in opt_vars.items()})
-        for target, values in ((params_vars, out["params"]), (opt_vars, out["opt"])):
-            for k, var in target.items():
-                var.set_value(values[k])
+        targets = {"params": _flat(nnx.state(model, self.wrt))}
+        if optimizer is not None:
+            targets["opt"] = _flat(nnx.state(optimizer))
+        for item, variables in targets.items():
+            self._check_names(step, item, variables)
+        abstract = {item: {k: _abstract(v.get_value()) for k, v in variables.items()}
+                    for item, variables in targets.items()}
+        out, meta = self._read(step, abstract["params"], abstract.get("opt"))
+        for item, variables in targets.items():
+            for k, var in variables.items():
+                var.set_value(out[item][k])
         key = out["rng"]["key"]
         rng = key if meta["rng_impl"] is None else jax.random.wrap_key_data(key, impl=meta["rng_impl"])
         return Restored(step=int(meta["step"]), rng=rng, data_state=_decode_data_state(meta["data_state"]),

@@ -12,7 +12,7 @@ from omnijax import sharding as S
 from omnijax.params import flat_params
 from omnijax.training.checkpoint import Checkpointer, CheckpointError
 from omnijax.training.step import make_train_step
-from tests.training.lora_model import build, make_batch, regression_loss
+from tests.training.lora_model import RULES, TinyLoRANet, build, make_batch, regression_loss
 
 TOTAL = 6
 
@@ -114,3 +114,20 @@ def test_restore_errors(tmp_path, mesh):
         with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['fc2.lora.lora_a'"):
             Checkpointer(tmp_path / "a").restore(model, other)
     assert os.path.isdir(tmp_path / "a" / "1")
+
+
+def test_restore_adapters_into_abstract_sharded_model(tmp_path, mesh):
+    """Only the adapters, read straight into the shards named by the rules; the base stays abstract."""
+    with jax.set_mesh(mesh):
+        model, opt = build(mesh, seed=4)
+        with Checkpointer(tmp_path, async_save=False) as ckpt:
+            ckpt.save(2, model, opt, rng=jax.random.key(0))
+    abstract, shardings = S.abstract_sharded(lambda: TinyLoRANet(rngs=nnx.Rngs(0)), RULES, mesh, print_fn=None)
+    restored = Checkpointer(tmp_path).restore(abstract)
+    assert restored.step == 2
+    for path, var in flat_params(abstract, nnx.LoRAParam).items():
+        value = var.get_value()
+        assert isinstance(value, jax.Array) and value.sharding.is_equivalent_to(shardings[path], value.ndim)
+        want = flat_params(model, nnx.LoRAParam)[path].get_value()
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want))
+    assert isinstance(abstract.fc1.kernel.get_value(), jax.ShapeDtypeStruct)
