@@ -371,14 +371,6 @@ def init_sharded(make: Callable[[], nnx.Module], rules: str | Sequence[Sequence]
     return nnx.merge(graphdef, state), shardings
 
 
-def tree_shardings(tree, mesh: Mesh | None = None):
-    """The NamedSharding tree of a pytree of arrays (their current placement) or, with `mesh`, of the specs
-    recorded in its Variables' metadata (unannotated leaves replicated)."""
-    if mesh is not None:
-        return nnx.get_named_sharding(tree, mesh)
-    return jax.tree.map(lambda x: x.sharding, tree)
-
-
 # ----------------------------------------------------------------------------------------- activations
 
 def logical_spec(*names: str | None, rules: Mapping[str, str | tuple[str, ...] | None] | None = None) -> P:
@@ -417,10 +409,6 @@ def constrain(x: jax.Array, *names: str | None, mesh: Mesh | None = None, rules=
         spec.append(tuple(keep) if len(keep) > 1 else keep[0] if keep else None)
     target = P(*spec) if mesh is None else NamedSharding(mesh, P(*spec))
     return jax.lax.with_sharding_constraint(x, target)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh, ndim: int, *, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:

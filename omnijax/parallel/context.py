@@ -8,11 +8,11 @@ over c devices on L. Attention needs every key for every query, so one of two ex
 `shard_map`:
 
   ulysses: all-to-all from sequence shards to head shards, [B, L/c, N, K] -> [B, L, N/c, K], full local
-           attention through omnijax.layers.attention (the fused cuDNN kernel on GPU), and back. Two
-           all-to-alls of q/k/v/out per call; needs N divisible by c.
+           attention through omnijax.layers.attention (the fused cuDNN kernel on GPU), and back. Four
+           all-to-alls per call (q, k, v in, the output back); needs N divisible by c.
   ring:    k/v blocks travel around the ring (c-1 ppermutes) while each device folds them into an online
            softmax (f32 running max and sum) for its own query block. Any head count; plain XLA math per
-           block, so it cannot use the fused kernel.
+           block (it needs the softmax statistics, which the fused kernel does not return).
 
 `context_attention_fn(mesh)` returns a drop-in `attn_fn(q, k, v)` for WanDiT's self-attention hook; it
 takes global (jit-level) arrays and returns the same result as plain attention.
@@ -60,14 +60,19 @@ def _ring_local(q, k, v, *, axis: str, size: int, scale: float | None):
     l = jnp.zeros((b, n, lq), F32)  # running sum of exp(logit - m)
     o = jnp.zeros((b, n, lq, v.shape[-1]), F32)  # running unnormalised output
     perm = [(i, (i + 1) % size) for i in range(size)]
-    for step in range(size):
+
+    # Rematerialised so the backward pass keeps only the running (m, l, o) per block, not its
+    # [L/c, L/c] probabilities: backward memory stays O(L/c) per device instead of O(L^2/c).
+    @jax.checkpoint
+    def fold(m, l, o, k, v):
         s = jnp.einsum("blnk,bsnk->bnls", qs, k.astype(F32))
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
-        o = o * corr[..., None] + jnp.einsum("bnls,bsnk->bnlk", p, v.astype(F32))
-        m = m_new
+        return m_new, l * corr + p.sum(-1), o * corr[..., None] + jnp.einsum("bnls,bsnk->bnlk", p, v.astype(F32))
+
+    for step in range(size):
+        m, l, o = fold(m, l, o, k, v)
         if step + 1 < size:
             k, v = jax.lax.ppermute((k, v), axis, perm)
     return (o / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
