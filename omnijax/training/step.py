@@ -37,9 +37,11 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.has_aux = has_aux
         self.skip_nonfinite = skip_nonfinite
-        # Pin the output placement to the input's so a step never silently re-shards its state.
+        # Pin the state's placement on the way in and out: a step never re-shards it silently, and the
+        # (committed) returned state hits the same executable as the (possibly uncommitted) initial one.
         self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
         self._jitted = jax.jit(self._step, donate_argnums=(0,) if donate else (),
+                               in_shardings=(self.state_shardings, None, None),
                                out_shardings=(self.state_shardings, None))
 
     # --- functional state <-> objects

@@ -1,5 +1,7 @@
 """The jitted, donated LoRA train step: sharded == single device, frozen base untouched, non-finite skip."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,14 +26,17 @@ def _run(mesh):
                        if not isinstance(v, nnx.LoRAParam)}
         step, state = make_train_step(model, opt, regression_loss)
         losses, norms = [], []
+        compiles = _CompileLog()
         for i in range(STEPS):
             batch = make_batch(i)
             if mesh is not None:
                 batch = S.host_to_global(batch, mesh)
-            state, metrics = step(state, batch, jax.random.fold_in(rng, i))
+            with compiles:
+                state, metrics = step(state, batch, jax.random.fold_in(rng, i))
             losses.append(float(metrics["loss"]))
             norms.append(float(metrics["grad_norm"]))
             assert bool(metrics["finite"])
+        assert compiles.count("jit(_step)") == 1, compiles  # the returned state never triggers a recompile
         model, opt = step.merge(state)
         lora = {k: np.asarray(v.get_value()) for k, v in flat_params(model, nnx.LoRAParam).items()}
         base_after = {k: np.asarray(v.get_value()) for k, v in flat_params(model).items()
@@ -41,6 +46,36 @@ def _run(mesh):
             assert model.fc1.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
             assert opt.opt_state[1][0].mu["fc1"]["lora"]["lora_a"][...].sharding.spec[0] == "fsdp"
     return np.array(losses), np.array(norms), lora, base_before, base_after
+
+
+class _CompileLog(logging.Handler):
+    """Collects jax's "Compiling <name> ..." log lines while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("Compiling "):
+            self.lines.append(msg.split(" with ")[0])
+
+    def count(self, name):
+        return sum(name in line for line in self.lines)
+
+    def __repr__(self):
+        return repr(self.lines)
+
+    def __enter__(self):
+        self._ctx = jax.log_compiles(True)
+        self._ctx.__enter__()
+        logging.getLogger("jax").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("jax").removeHandler(self)
+        self._ctx.__exit__(*exc)
+        return False
 
 
 class _null:
