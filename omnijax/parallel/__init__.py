@@ -1,0 +1,1 @@
+"""Multi-device execution helpers: context (sequence) parallel attention."""

@@ -1,0 +1,1 @@
+"""Model-independent training infrastructure: flow-matching loss, optimizer, train step, checkpoints, progress."""
