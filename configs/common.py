@@ -50,7 +50,7 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     # Converted checkpoints (python launch/convert.py ...); "tiny" builds random tiny models.
     c.model_init = dict(dit="", vae="", umt5="", clip="", tokenizer="")
     c.lora = dict(rank=128 if expert == "effect" else 64, alpha=128.0 if expert == "effect" else 64.0,
-                  targets=("q", "k", "v", "o"), param_dtype="f32")
+                  targets=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"), param_dtype="f32")
     # K = number of last blocks the Effect Expert adapts: 0 = round(num_layers / 3) or `analysis` (a JSON
     # written by launch/analyze_blocks.py).
     c.expert = dict(name=expert, mask="B" if expert == "effect" else "C", k=0, analysis="")
