@@ -30,12 +30,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch import common  # noqa: E402  (sets XLA flags first)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+
+from launch import common  # noqa: E402  (sets XLA flags first)
 
 TINY_HEIGHT = 64
 
@@ -84,11 +84,12 @@ def read_inputs(video_path: str, mask_paths: list[str], max_frames: int | None):
 
 
 def build_decomposer(args):
+    from flax import nnx
+
     from omnijax.omnimatte.branch import EasyOmnimatte
     from omnijax.omnimatte.decompose import Decomposer
     from omnijax.omnimatte.experts import effect_expert, quality_expert
     from omnijax.omnimatte.lora_io import expert_from_lora, load_lora
-    from flax import nnx
 
     dtype = common.DTYPES[args.dtype]
     if args.model == "tiny":

@@ -5,9 +5,10 @@ Axis letters: I input features, O output features. The kernel is stored [I, O] (
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from omnijax.layers.init import torch_default
 
 
 class Linear(nnx.Module):
@@ -15,10 +16,7 @@ class Linear(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
-        # torch.nn.Linear's default init (kaiming-uniform a=sqrt(5) == U(-1/sqrt(I), 1/sqrt(I))).
-        bound = 1.0 / in_features ** 0.5
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype,
-                                                   -bound, bound))
+        self.kernel = nnx.Param(torch_default(rngs.params(), (in_features, out_features), in_features, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x, lora=None):

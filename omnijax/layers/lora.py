@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from omnijax.layers.init import uniform
 
 
 class LoRA(nnx.Module):
@@ -30,7 +31,7 @@ class LoRA(nnx.Module):
         # Kaiming-uniform with a = sqrt(5) over fan_in = I (torch's Linear default and PEFT's lora_A init):
         # gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound = gain * sqrt(3 / fan_in) = 1 / sqrt(I).
         bound = math.sqrt(1.0 / 3.0) * math.sqrt(3.0 / in_features)
-        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound))
+        self.lora_a = nnx.LoRAParam(uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound))
         # B = 0 makes a fresh adapter the identity of the frozen model.
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype))
 

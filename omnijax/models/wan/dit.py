@@ -23,6 +23,7 @@ from flax import nnx
 
 from omnijax.layers.attention import attention
 from omnijax.layers.embeddings import sinusoidal_embedding
+from omnijax.layers.init import torch_default
 from omnijax.layers.linear import Linear
 from omnijax.layers.norms import LayerNorm, RMSNorm
 from omnijax.layers.rope import apply_rope, rope_cos_sin, wan_rope_angles
@@ -60,9 +61,7 @@ class PatchEmbed(nnx.Module):
     def __init__(self, cfg: WanConfig, *, dtype, param_dtype, rngs):
         pt, ph, pw = cfg.patch_size
         fan_in = cfg.in_dim * pt * ph * pw
-        bound = 1.0 / fan_in ** 0.5
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (pt, ph, pw, cfg.in_dim, cfg.dim), param_dtype,
-                                                   -bound, bound))
+        self.kernel = nnx.Param(torch_default(rngs.params(), (pt, ph, pw, cfg.in_dim, cfg.dim), fan_in, param_dtype))
         self.bias = nnx.Param(jnp.zeros((cfg.dim,), param_dtype))
         self.patch = cfg.patch_size
         self.dtype = dtype

@@ -26,15 +26,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnijax.layers.attention import attention
+from omnijax.layers.init import torch_default
 
 F32 = jnp.float32
 CACHE_T = 2  # frames of context a temporal kernel of 3 needs
 
 
 def _uniform(rngs, shape, fan_in, param_dtype):
-    # torch's default conv init (kaiming-uniform a=sqrt(5) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
-    bound = 1.0 / fan_in ** 0.5
-    return jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound)
+    return torch_default(rngs.params(), shape, fan_in, param_dtype)
 
 
 def _acc(dtype):
