@@ -147,61 +147,63 @@ def run(args) -> dict:
         bar.set_postfix_str(name)
         return time.perf_counter()
 
-    s = stage("read")
-    video8, masks8, fps = read_inputs(args.video, args.masks, args.max_frames)
-    n, h, w, _ = video8.shape
-    video = video8.astype(np.float32) / 255.0
-    height = args.height or (TINY_HEIGHT if args.model == "tiny" else 480)
-    ph, pw = processing_size(h, w, height)
-    target = 4 * -(-(n - 1) // 4) + 1
-    idx = pingpong_indices(n, target)
-    small = resize(video, (ph, pw))[idx]
-    small_masks = np.stack([resize(m.astype(np.float32) / 255.0, (ph, pw)) for m in masks8])[:, idx]
-    timings["read"] = time.perf_counter() - s
-    bar.update()
-
-    s = stage("load models")
-    decomposer = build_decomposer(args)
-    timings["load_models"] = time.perf_counter() - s
-    bar.update()
-
-    stage("decompose")
-    settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
-    background, alphas = decomposer(small, small_masks, settings, prompt=args.prompt, timings=timings)
-    bar.update()
-
-    s = stage("postprocess")
-    background = np.clip(resize(background[:n], (h, w)), 0, 1)
-    alphas = np.stack([np.clip(resize(a[:n], (h, w)), 0, 1) for a in alphas])
-    fgs = np.stack([np.asarray(recover_foreground(video, a, background)) for a in alphas])
-    psnrs = [float(recomposition_psnr(video, fg, a, background)) for fg, a in zip(fgs, alphas)]
-    timings["postprocess"] = time.perf_counter() - s
-    bar.update()
-
-    s = stage("write")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(args.out)) + ".tmp-", dir=parent)
     try:
-        write_outputs(tmp, video, background, alphas, fgs, fps)
-        timings["write"] = time.perf_counter() - s
-        timings["total"] = time.perf_counter() - t0
-        report = dict(
-            video=os.path.abspath(args.video), masks=[os.path.abspath(m) for m in args.masks], frames=n,
-            size=[h, w], fps=fps, processing_size=[ph, pw], processing_frames=target,
-            settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
-            recomposition_psnr_db=psnrs, timings_s={k: round(v, 3) for k, v in timings.items()},
-            device=str(jax.devices()[0].device_kind))
-        with open(os.path.join(tmp, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        if os.path.exists(args.out):
-            shutil.rmtree(args.out)
-        os.replace(tmp, args.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    bar.update()
-    bar.close()
+        s = stage("read")
+        video8, masks8, fps = read_inputs(args.video, args.masks, args.max_frames)
+        n, h, w, _ = video8.shape
+        video = video8.astype(np.float32) / 255.0
+        height = args.height or (TINY_HEIGHT if args.model == "tiny" else 480)
+        ph, pw = processing_size(h, w, height)
+        target = 4 * -(-(n - 1) // 4) + 1
+        idx = pingpong_indices(n, target)
+        small = resize(video, (ph, pw))[idx]
+        small_masks = np.stack([resize(m.astype(np.float32) / 255.0, (ph, pw)) for m in masks8])[:, idx]
+        timings["read"] = time.perf_counter() - s
+        bar.update()
+
+        s = stage("load models")
+        decomposer = build_decomposer(args)
+        timings["load_models"] = time.perf_counter() - s
+        bar.update()
+
+        stage("decompose")
+        settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
+        background, alphas = decomposer(small, small_masks, settings, prompt=args.prompt, timings=timings)
+        bar.update()
+
+        s = stage("postprocess")
+        background = np.clip(resize(background[:n], (h, w)), 0, 1)
+        alphas = np.stack([np.clip(resize(a[:n], (h, w)), 0, 1) for a in alphas])
+        fgs = np.stack([np.asarray(recover_foreground(video, a, background)) for a in alphas])
+        psnrs = [float(recomposition_psnr(video, fg, a, background)) for fg, a in zip(fgs, alphas)]
+        timings["postprocess"] = time.perf_counter() - s
+        bar.update()
+
+        s = stage("write")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(args.out)) + ".tmp-", dir=parent)
+        try:
+            write_outputs(tmp, video, background, alphas, fgs, fps)
+            timings["write"] = time.perf_counter() - s
+            timings["total"] = time.perf_counter() - t0
+            report = dict(
+                video=os.path.abspath(args.video), masks=[os.path.abspath(m) for m in args.masks], frames=n,
+                size=[h, w], fps=fps, processing_size=[ph, pw], processing_frames=target,
+                settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
+                recomposition_psnr_db=psnrs, timings_s={k: round(v, 3) for k, v in timings.items()},
+                device=str(jax.devices()[0].device_kind))
+            with open(os.path.join(tmp, "report.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            if os.path.exists(args.out):
+                shutil.rmtree(args.out)
+            os.replace(tmp, args.out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        bar.update()
+    finally:
+        bar.close()  # before any error line, so that line stays last
     return report
 
 

@@ -101,8 +101,8 @@ def make_input(config, *, seed: int):
     source = SyntheticOmnimatte(cfg, foregrounds=fg, backgrounds=bg, seed=seed)
     if inp.batch_size % jax.process_count():
         raise SetupError(f"input.batch_size {inp.batch_size} is not divisible by {jax.process_count()} processes")
-    return source, make_pipeline(source, batch_size=inp.batch_size // jax.process_count(), seed=seed, keys=("video", "mask", "alpha", "background"),
-                                 num_threads=inp.num_threads)
+    return source, make_pipeline(source, batch_size=inp.batch_size // jax.process_count(), seed=seed,
+                                 keys=("video", "mask", "alpha", "background"), num_threads=inp.num_threads)
 
 
 def make_prepare(vae):
@@ -170,7 +170,11 @@ def train(config, workdir: str):
     logging.info("devices: %s", jax.devices())
 
     # ---------------------------------------------------------------- mesh
-    mesh = sharding.make_mesh(dict(config.mesh))
+    sizes = dict(config.mesh)
+    # A fully specified mesh (no -1) takes the first prod(sizes) devices, e.g. runlocal's single device.
+    n = int(np.prod(list(sizes.values())))
+    devices = jax.devices()[:n] if -1 not in sizes.values() and n <= jax.device_count() else None
+    mesh = sharding.make_mesh(sizes, devices=devices)
     logging.info("mesh: %s", dict(mesh.shape))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
