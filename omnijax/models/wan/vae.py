@@ -293,7 +293,7 @@ class WanVAE(nnx.Module):
         video = self._check_video(video, pad)
         _, f, h, w, _ = video.shape
         tf = self.config.temporal_factor
-        stream = _resolve_mode(mode, f * h * w)
+        stream = _resolve_mode(mode, f * h * w, frames_per_step)
 
         def run(x):
             if stream:
@@ -341,7 +341,7 @@ class WanVAE(nnx.Module):
             raise ValueError(f"latents must be [B, T, h, w, {self.config.z_dim}], got shape {latents.shape}")
         _, t, lh, lw, _ = latents.shape
         sf, tf = self.config.spatial_factor, self.config.temporal_factor
-        stream = _resolve_mode(mode, (1 + tf * (t - 1)) * lh * lw * sf * sf)
+        stream = _resolve_mode(mode, (1 + tf * (t - 1)) * lh * lw * sf * sf, frames_per_step)
         z = self._denormalize(latents).astype(self.dtype)
 
         def run(x):
@@ -354,8 +354,10 @@ class WanVAE(nnx.Module):
         return jnp.clip(out.astype(F32), -1.0, 1.0)
 
 
-def _resolve_mode(mode: str, pixels: int) -> bool:
+def _resolve_mode(mode: str, pixels: int, frames_per_step: int) -> bool:
     """True to stream."""
+    if not isinstance(frames_per_step, int) or frames_per_step < 1:
+        raise ValueError(f"frames_per_step must be a positive int, got {frames_per_step!r}")
     if mode not in ("auto", "whole", "stream"):
         raise ValueError(f"mode must be 'auto', 'whole' or 'stream', got {mode!r}")
     return mode == "stream" or (mode == "auto" and pixels > WHOLE_MAX_PIXELS)
