@@ -13,10 +13,10 @@ AutoencoderKLWan returns UN-normalised latents and leaves the normalisation to i
 omnijax may normalise again.
 
 Execution forms (all give the same frames; see vae_layers for the cache protocol):
-  - whole-sequence: one call over the clip (fastest, memory grows with F);
+  - whole-sequence: one pass over the clip (memory grows with F);
   - streamed: encode chunks of 1, 4, 4, ... pixel frames and decode one latent frame at a time, carrying every
     causal conv's cache through `jax.lax.scan`, so peak memory does not grow with the clip length;
-  - tiled: the streamed form run over overlapping spatial tiles (vae_tiling), for 720p and larger frames.
+  - tiled: either form run tile by tile over overlapping spatial tiles (vae_tiling), for 720p and up.
 `mode="auto"` streams when F*H*W exceeds `WHOLE_MAX_PIXELS`; `tile="auto"` tiles frames of 720x1280 pixels and up.
 
 Posterior: the encoder yields (mu, logvar); logvar is clamped to [-30, 20]. `encode` returns the normalised
@@ -24,7 +24,8 @@ mean, or with `sample_key` the normalised mean plus exp(logvar/2)*eps, where the
 latent std (the reference quirk the training latents carry; spec §5.4).
 
 Precision: weights in `param_dtype`, compute in `dtype`; norms, the normalisation, blending and the posterior
-in f32. Parameter names follow diffusers' AutoencoderKLWan (converters/tables/wan_vae.py maps both formats).
+in f32. Module names mostly follow diffusers' AutoencoderKLWan (converters/tables/wan_vae.py maps both
+formats).
 """
 
 from __future__ import annotations
