@@ -47,14 +47,20 @@ def run_jax_case(what: str, res: str, small: bool, reps: int) -> dict:
 
     from omnijax.models.wan.vae import WanVAE, vae_variant
     from omnijax.models.wan.vae_tiling import TileSpec
+    from omnijax.params import build_with_params, param_shapes
 
     cfg = vae_variant("tiny" if small else "wan2.1")
-    model = WanVAE(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    # Random weights drawn on the host: JAX's own random init compiles a threefry program per parameter shape
+    # (tens of seconds on a CPU), which would only add noise to the benchmark's wall time.
+    make = lambda: WanVAE(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    weights = {k: (float(k.endswith("scale")) + 0.02 * rng.standard_normal(shape, np.float32)).astype(dtype)
+               for k, (shape, dtype) in param_shapes(nnx.eval_shape(make)).items()}  # norm gammas around 1
+    model = build_with_params(make, weights)
     graphdef, state = nnx.split(model)
     video_shape, latent_shape = _shapes(small, res)
     # 720p is tiled; in --small the frames are tiny, so force a small tile layout to run the same code path.
     tile = None if res == "480p" else (TileSpec(tile=6, overlap=2) if small else TileSpec())
-    rng = np.random.default_rng(0)
     if what == "encode":
         x = jnp.asarray(rng.uniform(-1, 1, video_shape), jnp.bfloat16)
         fn = lambda s, x: nnx.merge(graphdef, s).encode(x, mode="stream", tile=tile)

@@ -13,10 +13,10 @@ AutoencoderKLWan returns UN-normalised latents and leaves the normalisation to i
 omnijax may normalise again.
 
 Execution forms (all give the same frames; see vae_layers for the cache protocol):
-  - whole-sequence: one call over the clip (fastest, memory grows with F);
+  - whole-sequence: one pass over the clip (memory grows with F);
   - streamed: encode chunks of 1, 4, 4, ... pixel frames and decode one latent frame at a time, carrying every
     causal conv's cache through `jax.lax.scan`, so peak memory does not grow with the clip length;
-  - tiled: the streamed form run over overlapping spatial tiles (vae_tiling), for 720p and larger frames.
+  - tiled: either form run tile by tile over overlapping spatial tiles (vae_tiling), for 720p and up.
 `mode="auto"` streams when F*H*W exceeds `WHOLE_MAX_PIXELS`; `tile="auto"` tiles frames of 720x1280 pixels and up.
 
 Posterior: the encoder yields (mu, logvar); logvar is clamped to [-30, 20]. `encode` returns the normalised
@@ -24,7 +24,8 @@ mean, or with `sample_key` the normalised mean plus exp(logvar/2)*eps, where the
 latent std (the reference quirk the training latents carry; spec §5.4).
 
 Precision: weights in `param_dtype`, compute in `dtype`; norms, the normalisation, blending and the posterior
-in f32. Parameter names follow diffusers' AutoencoderKLWan (converters/tables/wan_vae.py maps both formats).
+in f32. Module names mostly follow diffusers' AutoencoderKLWan (converters/tables/wan_vae.py maps both
+formats).
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ class WanVAE(nnx.Module):
         video = self._check_video(video, pad)
         _, f, h, w, _ = video.shape
         tf = self.config.temporal_factor
-        stream = _resolve_mode(mode, f * h * w)
+        stream = _resolve_mode(mode, f * h * w, frames_per_step)
 
         def run(x):
             if stream:
@@ -341,7 +342,7 @@ class WanVAE(nnx.Module):
             raise ValueError(f"latents must be [B, T, h, w, {self.config.z_dim}], got shape {latents.shape}")
         _, t, lh, lw, _ = latents.shape
         sf, tf = self.config.spatial_factor, self.config.temporal_factor
-        stream = _resolve_mode(mode, (1 + tf * (t - 1)) * lh * lw * sf * sf)
+        stream = _resolve_mode(mode, (1 + tf * (t - 1)) * lh * lw * sf * sf, frames_per_step)
         z = self._denormalize(latents).astype(self.dtype)
 
         def run(x):
@@ -354,8 +355,10 @@ class WanVAE(nnx.Module):
         return jnp.clip(out.astype(F32), -1.0, 1.0)
 
 
-def _resolve_mode(mode: str, pixels: int) -> bool:
+def _resolve_mode(mode: str, pixels: int, frames_per_step: int) -> bool:
     """True to stream."""
+    if not isinstance(frames_per_step, int) or frames_per_step < 1:
+        raise ValueError(f"frames_per_step must be a positive int, got {frames_per_step!r}")
     if mode not in ("auto", "whole", "stream"):
         raise ValueError(f"mode must be 'auto', 'whole' or 'stream', got {mode!r}")
     return mode == "stream" or (mode == "auto" and pixels > WHOLE_MAX_PIXELS)

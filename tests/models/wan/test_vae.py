@@ -115,6 +115,25 @@ def test_streamed_equals_whole_sequence(pair, frames_per_step):
         assert rel_err(a, b) <= 1e-5, rel_err(a, b)
 
 
+def test_streamed_decode_memory_does_not_grow_with_length():
+    """XLA's own buffer plan: streamed temp memory grows only by the output frames, whole-sequence by far more."""
+    # Abstract weights: only the compiled buffer plan is inspected (an eager random init costs a compile per shape).
+    abstract = nnx.eval_shape(lambda: WanVAE(vae_variant("tiny"), dtype=jnp.float32, param_dtype=jnp.float32,
+                                             rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+
+    def plan(mode, t):
+        z = jax.ShapeDtypeStruct((1, t, 4, 6, 16), jnp.float32)
+        fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z, mode=mode, tile=None))
+        m = fn.lower(state, z).compile(compiler_options=FAST_COMPILE).memory_analysis()
+        return m.temp_size_in_bytes, m.output_size_in_bytes
+
+    (s3, o3), (s9, o9) = plan("stream", 3), plan("stream", 9)
+    (w3, _), (w9, _) = plan("whole", 3), plan("whole", 9)
+    assert s9 - s3 <= 2 * (o9 - o3), (s3, s9, o3, o9)
+    assert w9 - w3 > 4 * (s9 - s3), (w3, w9, s3, s9)
+
+
 def test_tile_layout():
     assert tile_starts(20, 32, 8) == (20, [0])
     size, starts = tile_starts(90, 64, 12)  # 720p latent height
@@ -172,6 +191,8 @@ def test_bad_inputs_raise_named_errors(pair):
         model.decode(jnp.zeros((1, 2, 2, 3, 4)))
     with pytest.raises(ValueError, match="mode must be"):
         model.decode(jnp.zeros((1, 2, 2, 3, 16)), mode="chunked")
+    with pytest.raises(ValueError, match="frames_per_step"):
+        model.decode(jnp.zeros((1, 2, 2, 3, 16)), frames_per_step=0)
     with pytest.raises(ValueError, match="unknown VAE variant"):
         vae_variant("wan2.2")
 
