@@ -19,14 +19,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch import common  # noqa: E402,F401  (XLA flags)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import emit, jax_peak_gb  # noqa: E402
+from launch import common  # noqa: E402,F401  (XLA flags)
 
 
 def build(small: bool):
