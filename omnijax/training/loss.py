@@ -13,18 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omnijax.sampling.schedules import train_sigmas
+
 F32 = jnp.float32
 
 
-def shift_sigma(s, shift: float = 5.0):
-    """The timestep shift S(s) = shift·s / (1 + (shift − 1)·s)."""
-    return shift * s / (1.0 + (shift - 1.0) * s)
-
-
 def training_sigmas(num_train_timesteps: int = 1000, shift: float = 5.0) -> np.ndarray:
-    """The training table σ_i = S((N − i)/N), i = 0..N−1: descending from 1.0 to S(1/N) (f64 numpy [N])."""
-    s = (num_train_timesteps - np.arange(num_train_timesteps, dtype=np.float64)) / num_train_timesteps
-    return shift_sigma(s, shift)
+    """The training table σ_i = S((N − i)/N), i = 0..N−1 (omnijax.sampling.schedules, the one definition)."""
+    return train_sigmas(shift, num_train_timesteps)
 
 
 def sample_sigmas(rng: jax.Array, batch: int, *, num_train_timesteps: int = 1000, shift: float = 5.0,
