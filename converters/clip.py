@@ -7,14 +7,13 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
-from converters.engine import TRANSFORMS, best_table, convert, plan
+from converters.build import convert_and_build
+from converters.engine import TRANSFORMS, best_table, plan
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.clip import TABLES
 from converters.views import Concatenated, Without
 from omnijax.models.wan.clip import CLIPVisionConfig, CLIPVisionTower
-from omnijax.params import build_with_params, param_shapes
 
 _HF_LAYER = re.compile(r"((?:vision_model\.)?encoder\.layers\.\d+\.self_attn)\.q_proj\.(weight|bias)\Z")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
@@ -85,7 +84,4 @@ def load_wan_clip(source, config: CLIPVisionConfig | None = None, *, dtype=jnp.b
     unused = [k for k, (t, _) in mapping.items() if (m := _BLOCK.match(t)) and int(m.group(1)) >= config.output_layer]
     src = Without(src, unused)
     make = lambda: CLIPVisionTower(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    targets = param_shapes(nnx.eval_shape(make))
-    bar = (lambda it: tqdm(it, desc=f"converting {table.name}", unit="tensor")) if progress else None
-    params = convert(src, table, targets, progress=bar)
-    return config, build_with_params(make, params, shardings)
+    return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)

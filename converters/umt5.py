@@ -7,14 +7,13 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
-from converters.engine import TRANSFORMS, best_table, convert, plan
+from converters.build import convert_and_build, mapped_shapes
+from converters.engine import best_table
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.umt5 import TABLES
 from converters.views import Without
 from omnijax.models.wan.umt5 import UMT5Config, UMT5Encoder
-from omnijax.params import build_with_params, param_shapes
 
 _TIED = ("shared.weight", "encoder.embed_tokens.weight")
 
@@ -63,11 +62,7 @@ def load_umt5(source, config: UMT5Config | None = None, *, dtype=jnp.bfloat16, p
     keys = list(src.keys())
     table = best_table(keys, TABLES)
     if config is None:
-        mapping, _, _ = plan(keys, table)
-        shapes = {target: TRANSFORMS[tf](src[key]).shape for key, (target, tf) in mapping.items()}
+        shapes = mapped_shapes(src, table)
         config = infer_config(shapes, read_config_json(source))
     make = lambda: UMT5Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    targets = param_shapes(nnx.eval_shape(make))
-    bar = (lambda it: tqdm(it, desc=f"converting {table.name}", unit="tensor")) if progress else None
-    params = convert(src, table, targets, progress=bar)
-    return config, build_with_params(make, params, shardings)
+    return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)

@@ -7,13 +7,12 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
-from converters.engine import TRANSFORMS, best_table, convert, plan
+from converters.build import convert_and_build, mapped_shapes
+from converters.engine import best_table
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.wan_dit import TABLES
 from omnijax.models.wan import WanConfig, WanDiT
-from omnijax.params import build_with_params, param_shapes
 
 
 def infer_config(shapes: Mapping[str, tuple], json_config: dict | None = None) -> WanConfig:
@@ -62,12 +61,7 @@ def load_wan_dit(source, config: WanConfig | None = None, *, dtype=jnp.bfloat16,
     keys = list(src.keys())
     table = best_table(keys, TABLES)
     if config is None:
-        mapping, _, _ = plan(keys, table)
-        # Transforms are views on the memory-mapped arrays: nothing is read here.
-        shapes = {target: TRANSFORMS[tf](src[key]).shape for key, (target, tf) in mapping.items()}
+        shapes = mapped_shapes(src, table)
         config = infer_config(shapes, read_config_json(source))
     make = lambda: WanDiT(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    targets = param_shapes(nnx.eval_shape(make))
-    bar = (lambda it: tqdm(it, desc=f"converting {table.name}", unit="tensor")) if progress else None
-    params = convert(src, table, targets, progress=bar)
-    return config, build_with_params(make, params, shardings)
+    return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)

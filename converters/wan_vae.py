@@ -7,13 +7,12 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 from flax import nnx
-from tqdm.auto import tqdm
 
-from converters.engine import TRANSFORMS, best_table, convert, plan
+from converters.build import convert_and_build, mapped_shapes
+from converters.engine import best_table
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.wan_vae import DIFFUSERS, original_table
 from omnijax.models.wan.vae import VAEConfig, WanVAE
-from omnijax.params import build_with_params, param_shapes
 
 _RESAMPLE = re.compile(r"(?:.*\.)?encoder\.down(?:samples|_blocks)\.(\d+)\.resample\.1\.weight\Z")
 
@@ -73,11 +72,7 @@ def load_wan_vae(source, config: VAEConfig | None = None, *, dtype=jnp.bfloat16,
     levels, num_res = _layout(keys) if config is None else (len(config.dim_mult), config.num_res_blocks)
     table = best_table(keys, (original_table(levels, num_res), DIFFUSERS))
     if config is None:
-        mapping, _, _ = plan(keys, table)
-        shapes = {target: TRANSFORMS[tf](src[key]).shape for key, (target, tf) in mapping.items()}
+        shapes = mapped_shapes(src, table)
         config = infer_config(shapes, levels, num_res, read_config_json(source))
     make = lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    targets = param_shapes(nnx.eval_shape(make))
-    bar = (lambda it: tqdm(it, desc=f"converting {table.name}", unit="tensor")) if progress else None
-    params = convert(src, table, targets, progress=bar)
-    return config, build_with_params(make, params, shardings)
+    return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)
