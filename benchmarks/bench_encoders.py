@@ -93,12 +93,18 @@ def torch_clip(cfg, dev, dtype):
 def bench_umt5(small, dev, tdtype, jdtype, n):
     cfg = umt5_variant("tiny" if small else "xxl")
     ref = torch_umt5(cfg, dev, tdtype)
-    with torch.no_grad():  # T5-style init scales (the default init would give a degenerate, huge residual)
+    # T5-style init scales (the default init would give a degenerate, huge residual). The query also takes the
+    # extra d_kv**-0.5 of Mesh TF / transformers' T5 init: T5 does not scale its logits, so with q ~ fan-in**-0.5
+    # they have std ~sqrt(d_kv) = 8, attention is near-argmax and the 24-layer stack is chaotic (f32 rounding alone
+    # grows ~2x per layer; each bf16 run lands ~1.1 rel. from its own f32 run, so bf16 vs bf16 read 1.07 on H100).
+    with torch.no_grad():
         for name, p in ref.named_parameters():
             if "layer_norm" in name:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5 if p.ndim == 2 and "relative" not in name else 0.1)
+                if name.endswith("SelfAttention.q.weight"):
+                    p.mul_(cfg.d_kv ** -0.5)
     t = time.perf_counter()
     _, model = load_umt5({k: v for k, v in ref.state_dict().items()}, cfg, dtype=jdtype, param_dtype=jdtype)
     load_s = time.perf_counter() - t
