@@ -30,7 +30,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        # PyTorch references for parity tests and for reading .pth checkpoints (weights-only).
-        "test": ["torch>=2.11", "diffusers==0.42.1", "pytest>=8", "chex", "ruff"],
+        # PyTorch references for parity tests and for reading .pth checkpoints (weights-only). Pinned to the
+        # release whose CPU wheel the machines provide (pip prefers 2.13.0+cpu); a newer one pulls CUDA wheels.
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest>=8", "chex", "ruff"],
     },
 )
