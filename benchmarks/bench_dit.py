@@ -20,21 +20,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.common import H100_BF16_PEAK, emit, jax_peak_gb, time_jax, time_torch, wan_forward_flops  # noqa: E402
 from converters import load_wan_dit  # noqa: E402
+from omnijax.omnimatte.decompose import jit_module_fn  # noqa: E402
 from tests.torch_refs import diffusers_wan  # noqa: E402
 
 
 def jitted_forward(model):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def f(state, *args):
-        return nnx.merge(graphdef, state)(*args)
-
-    return lambda *a: f(state, *a)
+    return jit_module_fn(model, lambda m, *a: m(*a))
 
 
 def inputs(t, h, w, text_dim, image_dim, seed=0):

@@ -28,6 +28,7 @@ from benchmarks.common import emit, jax_peak_gb, time_jax  # noqa: E402
 from converters import load_umt5, load_wan_clip  # noqa: E402
 from omnijax.models.wan.clip import clip_variant, preprocess_frames  # noqa: E402
 from omnijax.models.wan.umt5 import umt5_variant  # noqa: E402
+from omnijax.omnimatte.decompose import jit_module_fn  # noqa: E402
 
 
 def time_torch_any(fn, dev, n=5) -> float:
@@ -46,13 +47,7 @@ def time_torch_any(fn, dev, n=5) -> float:
 
 
 def jitted(model):
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def f(state, *args):
-        return nnx.merge(graphdef, state)(*args)
-
-    return lambda *a: f(state, *a)
+    return jit_module_fn(model, lambda m, *a: m(*a))
 
 
 def rel(a, b) -> float:

@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax.numpy as jnp  # noqa: E402
 
 import converters  # noqa: E402
+from launch.common import LOADERS  # noqa: E402
 from omnijax.checkpoint import MODEL_KINDS, save_pretrained  # noqa: E402
 
-LOADERS = {"wan_dit": "load_wan_dit", "wan_vae": "load_wan_vae", "umt5": "load_umt5", "wan_clip": "load_wan_clip"}
 DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "float32": jnp.float32}
 
 

@@ -27,6 +27,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from launch import common  # noqa: E402
+
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
 
@@ -43,18 +45,6 @@ def read_first_frame(path: str) -> np.ndarray:
         raise ValueError(f"{path}: no decodable video frame ({e})") from e
     rgb = frame.to_ndarray(format="rgb24")
     return rgb.astype(np.float32) / 127.5 - 1.0
-
-
-def _load(kind: str, path: str, dtype):
-    """An encoder from a PyTorch-side checkpoint or an omnijax (launch/convert.py) directory."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "omnijax.json")):
-        from omnijax.checkpoint import load_pretrained
-
-        return load_pretrained(path, kind=kind, dtype=dtype, param_dtype=dtype)[1]
-    import converters
-
-    loader = converters.load_umt5 if kind == "umt5" else converters.load_wan_clip
-    return loader(path, dtype=dtype, param_dtype=dtype, progress=True)[1]
 
 
 def _write_json(path: str, data: dict):
@@ -107,7 +97,7 @@ def main(argv=None) -> int:
             else:
                 if not (args.umt5 and args.tokenizer):
                     p.error("prompts need --umt5 and --tokenizer (or --model tiny)")
-                cond.text_encoder, tok_dir = _load("umt5", args.umt5, dtype), args.tokenizer
+                cond.text_encoder, tok_dir = common.load_model("umt5", args.umt5, dtype)[1], args.tokenizer
             cond.tokenizer = load_tokenizer(tok_dir)
             for start in tqdm(range(0, len(prompts), args.batch_size), desc="prompts", unit="batch"):
                 cond.text(prompts[start:start + args.batch_size])
@@ -120,7 +110,7 @@ def main(argv=None) -> int:
             else:
                 if not args.clip:
                     p.error("images/videos need --clip (or --model tiny)")
-                cond.image_encoder = _load("wan_clip", args.clip, dtype)
+                cond.image_encoder = common.load_model("wan_clip", args.clip, dtype)[1]
             for path in tqdm(frames, desc="first frames", unit="frame"):
                 cond.image(read_first_frame(path)[None])
     except (ValueError, FileNotFoundError, OSError) as e:
