@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -216,7 +217,7 @@ def main():
             try:
                 res[name] = bench_expert(model, inp, n_tokens, backend, a.repeats, remat=name in remat_for)
             except Exception as e:
-                res[name] = {"error": repr(e)[:500]}
+                res[name] = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-3000:]}
             del model
     if "attention" in only:
         res["attention_type_b"] = bench_attention(att_sizes, cfg.num_heads, cfg.head_dim, backend, a.repeats,
