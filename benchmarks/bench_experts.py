@@ -45,7 +45,8 @@ def _args():
     p.add_argument("--size", default="480x832")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default="effect,quality,attention")
-    p.add_argument("--remat", default="quality", help="experts whose training step recomputes blocks (comma list)")
+    p.add_argument("--remat", default="effect=0,quality=-1",
+                   help="blocks each expert's training step recomputes: name=n, -1 all, 0 none (comma list)")
     return p.parse_args()
 
 
@@ -140,6 +141,8 @@ def bench_expert(model, inp, n_tokens, backend, repeats, remat):
     res["train_memory"] = _mem(step)
     res["train_ms"] = _median_ms(lambda: step(lora, rest, *targs), repeats)
     res["peak_bytes_after_train"] = _peak_bytes()
+    del step
+    res.update(bench_train_step(model, inp, repeats, remat, backend))
     f_inf = flops(cfg, n_tokens, cfg.text_len + 257, expert, train=False)
     f_tr = flops(cfg, n_tokens, cfg.text_len + 257, expert, train=True)
     res["flops_forward"] = f_inf["forward_total"]
@@ -147,7 +150,40 @@ def bench_expert(model, inp, n_tokens, backend, repeats, remat):
     res["flop_model"] = {"inference": f_inf, "train": f_tr}
     res["mfu_forward"] = res["flops_forward"] / (res["forward_ms"] * 1e-3) / PEAK
     res["mfu_train"] = res["flops_train"] / (res["train_ms"] * 1e-3) / PEAK
+    res["mfu_step"] = res["flops_train"] / (res["step_ms"] * 1e-3) / PEAK
     return res
+
+
+def bench_train_step(model, inp, repeats, remat, backend):
+    """The trainer's own step (launch/train.py loss_fn, configs' optimizer: clip + AdamW on LoRA, donated state)."""
+    from configs.common import expert_config
+    from launch.train import loss_fn
+    from omnijax.training.optim import make_optimizer
+    from omnijax.training.step import make_train_step
+
+    config = expert_config(model.expert.name, None)
+    with config.unlocked():
+        config.model.remat, config.model.attention = remat, backend
+    optimizer = nnx.Optimizer(model, make_optimizer(config)[0], wrt=nnx.LoRAParam)
+    step_fn, state = make_train_step(model, optimizer, lambda m, b, r: loss_fn(m, b, r, config=config))
+    batch = dict(x0_alpha=inp["target"], x0_bg=inp["target"] * 0.5, y=inp["y"], context=inp["context"],
+                 clip=inp["clip"])
+    rng = jax.random.key(3)
+    t0 = time.perf_counter()
+    compiled = step_fn.compile(state, batch, rng)
+    out = {"step_compile_s": time.perf_counter() - t0, "step_memory": _mem(compiled)}
+    state, _ = step_fn(state, batch, rng)  # warm-up; the state is donated, so thread it through
+    jax.block_until_ready(state)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, batch, jax.random.fold_in(rng, i))
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - t0) * 1e3)
+    out["step_ms"] = float(np.median(times))
+    out["step_loss"] = float(metrics["loss"])
+    out["peak_bytes_after_step"] = _peak_bytes()
+    return out
 
 
 def _dense_type_b(n, backend):
@@ -201,24 +237,24 @@ def main():
         hh, ww = (int(v) for v in a.size.split("x"))
         frames, backend, att_sizes = a.frames, "cudnn", [32760, 16380, 8190]
     only = set(a.only.split(","))
-    remat_for = set(a.remat.split(",")) if a.remat else set()
+    remat_for = {k: int(v) for k, v in (item.split("=") for item in a.remat.split(",") if item)}
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "config": cfg.to_dict(),
            "frames": frames, "size": [hh, ww], "backend": backend}
     t0 = time.perf_counter()
-    base = WanDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    res["init_s"] = time.perf_counter() - t0
     inp = _inputs(cfg, frames, hh, ww, jax.random.key(1))
     n_tokens = int(np.prod(inp["z_alpha"].shape[1:4])) // 4
     res["tokens_per_set"] = n_tokens
     makers = {"effect": lambda: effect_expert(cfg.num_layers), "quality": lambda: quality_expert(cfg.num_layers)}
     for name in ("effect", "quality"):
         if name in only:
+            # A fresh base per expert: the trainer's step donates the whole model state, base included.
+            base = WanDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
             model = EasyOmnimatte(base, makers[name](), rngs=nnx.Rngs(2))
             try:
-                res[name] = bench_expert(model, inp, n_tokens, backend, a.repeats, remat=name in remat_for)
+                res[name] = bench_expert(model, inp, n_tokens, backend, a.repeats, remat=remat_for.get(name, 0))
             except Exception as e:
                 res[name] = {"error": repr(e)[:500], "traceback": traceback.format_exc()[-3000:]}
-            del model
+            del model, base
     if "attention" in only:
         res["attention_type_b"] = bench_attention(att_sizes, cfg.num_heads, cfg.head_dim, backend, a.repeats,
                                                   jnp.bfloat16 if backend == "cudnn" else jnp.float32)

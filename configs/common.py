@@ -13,8 +13,13 @@ from __future__ import annotations
 import ml_collections
 
 BASES = {
-    "wan21_1_3b": dict(variant="1.3b-inp", mesh=dict(data=-1, fsdp=1, context=1, tensor=1)),
-    "wan21_14b": dict(variant="14b-inp", mesh=dict(data=1, fsdp=-1, context=1, tensor=1)),
+    # remat per expert: blocks recomputed in the backward pass, chosen from measurements at 81x480x832 on one
+    # H100 80GB (docs/benchmarks.md): the Effect Expert fits without (34 GB peak); the Quality Expert recomputing
+    # its first 10 blocks peaks at 60 GB and is 13 % faster than recomputing all 30. 14B: everything.
+    "wan21_1_3b": dict(variant="1.3b-inp", mesh=dict(data=-1, fsdp=1, context=1, tensor=1),
+                       remat=dict(effect=0, quality=10)),
+    "wan21_14b": dict(variant="14b-inp", mesh=dict(data=1, fsdp=-1, context=1, tensor=1),
+                      remat=dict(effect=-1, quality=-1)),
 }
 RESOLUTIONS = {"480": (480, 832), "720": (720, 1280)}
 
@@ -46,7 +51,10 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     height, width = _resolution(a["res"])
     c.input = dict(source="procedural", batch_size=1, frames=a["frames"], height=height, width=width,
                    num_threads=4, fg_dir="", bg_dir="", conditioning_cache="")
-    c.model = dict(variant=BASES[a["base"]]["variant"], dtype="bf16", remat=True, attention="auto")
+    # remat: trainable blocks that recompute their forward in the backward pass (-1 all, 0 none, n the first n
+    # adapted ones); see EasyOmnimatte.__call__. Lower it for shorter clips, raise it if the step runs out of memory.
+    c.model = dict(variant=BASES[a["base"]]["variant"], dtype="bf16", remat=BASES[a["base"]]["remat"][expert],
+                   attention="auto")
     # Converted checkpoints (python launch/convert.py ...); "tiny" builds random tiny models.
     c.model_init = dict(dit="", vae="", umt5="", clip="", tokenizer="")
     c.lora = dict(rank=128 if expert == "effect" else 64, alpha=128.0 if expert == "effect" else 64.0,
@@ -70,7 +78,7 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     c.sampler = dict(steps=4, tau=0.5)
     if a["runlocal"]:
         c.input.update(frames=9, height=64, width=64, num_threads=0)
-        c.model.update(variant="tiny-inp", dtype="f32", remat=False, attention="xla")
+        c.model.update(variant="tiny-inp", dtype="f32", remat=0, attention="xla")
         c.model_init = dict(dit="tiny", vae="tiny", umt5="tiny", clip="tiny", tokenizer="")
         c.lora.update(rank=4, alpha=4.0)
         c.mesh = dict(data=1, fsdp=1, context=1, tensor=1)

@@ -5,7 +5,9 @@ All entry points take q [B, L, N, K], k and v [B, S, N, K] and return [B, L, N, 
 
 Backends:
   "cudnn": the fused cuDNN flash kernel (GPU, bf16/fp16 only). Mandatory for long sequences on GPU:
-           XLA's plain attention materialises L×S scores (see shared/gpu/NOTES.md).
+           XLA's plain attention materialises L×S scores (see shared/gpu/NOTES.md). Its gradient path rejects
+           odd sequence lengths (Wan's 257 CLIP tokens; measured in benchmarks/bench_attention.py), so odd
+           lengths are padded to a multiple of 8 and the padding masked through the kernel's sequence lengths.
   "xla":   jax.nn.dot_product_attention's XLA path (any device, any dtype); f32 softmax.
   "splash": seam for the TPU splash kernel (built with the branch masks).
   "auto":  cudnn on GPU for half-precision inputs, xla otherwise.
@@ -56,4 +58,25 @@ def attention(q, k, v, *, backend: str = "auto", scale: float | None = None):
     if impl == "splash":
         raise AttentionBackendError(
             "the splash backend is reached through the branch-mask attention of omnijax.omnimatte")
+    if impl == "cudnn":
+        return padded_attention(q, k, v, scale=scale, implementation=impl)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+
+def padded_attention(q, k, v, *, scale: float | None = None, implementation: str = "cudnn", multiple: int = 8):
+    """Attention with odd query/key lengths padded to `multiple`; padded keys are masked, padded queries dropped.
+
+    Even lengths go straight through. Exists for cuDNN's training kernel, which raises
+    NotImplementedError("Unsupported sequence length Q .., KV ..") under jax.grad for odd lengths; it takes any
+    `implementation` so the padding itself is tested on the CPU with "xla".
+    """
+    lq, lk = q.shape[1], k.shape[1]
+    if lq % 2 == 0 and lk % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    up = lambda n: -(-n // multiple) * multiple
+    pad = lambda a, n: jnp.pad(a, ((0, 0), (0, n - a.shape[1]), (0, 0), (0, 0)))
+    lengths = lambda n: jnp.full((q.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(q, up(lq)), pad(k, up(lk)), pad(v, up(lk)), scale=scale,
+                                       implementation=implementation, query_seq_lengths=lengths(lq),
+                                       key_value_seq_lengths=lengths(lk))
+    return out[:, :lq]

@@ -92,7 +92,7 @@ class EasyOmnimatte(nnx.Module):
                                param_dtype=lora_param_dtype, rngs=rngs)
 
     def __call__(self, z_bg, z_alpha, timesteps, context, clip_features=None, y=None, *, train: bool = False,
-                 attention_backend: str = "auto", remat: bool = False):
+                 attention_backend: str = "auto", remat: bool | int = False):
         """Velocities of both token sets.
 
         Args:
@@ -106,7 +106,9 @@ class EasyOmnimatte(nnx.Module):
             before the first adapted block run under stop_gradient; under mask "C" the background set is
             skipped entirely (N tokens instead of 2N).
           attention_backend: "auto" | "cudnn" | "xla" | "splash" for the branch self-attention.
-          remat: recompute each block in the backward pass.
+          remat: which trainable blocks recompute their forward in the backward pass: True (or -1) all of them,
+            False (or 0) none, an int n the first n from the first adapted block on (blocks before it have no
+            backward pass). A partial count trades memory for speed: each recomputed block costs one more forward.
         Returns:
           (v_bg, v_alpha), each [B, T, H, W, 16]; v_bg is None when `train` is set.
         """
@@ -126,19 +128,30 @@ class EasyOmnimatte(nnx.Module):
             return branch_block(blk, lora, x_b, x_a, e0, text, image, rope, mask=mask, backend=attention_backend,
                                 freeze_background=freeze_bg)
 
-        if remat:
-            step = _rematerialized(step)
+        recompute = remat_blocks(remat, first, len(base.blocks))
+        step_remat = _rematerialized(step)
         for i, blk in enumerate(base.blocks):
             if train and i == first:
                 # No LoRA upstream: no backward pass is needed through the earlier blocks.
                 x_a = jax.lax.stop_gradient(x_a)
             if freeze_bg and x_b is not None:
                 x_b = jax.lax.stop_gradient(x_b)
-            x_b, x_a = step(blk, self.lora.for_block(i), x_b, x_a)
+            x_b, x_a = (step_remat if train and i in recompute else step)(blk, self.lora.for_block(i), x_b, x_a)
         v_alpha = base.unpatchify(base.head(x_a, e), grid)
         if train:
             return None, v_alpha
         return base.unpatchify(base.head(x_b, e), grid), v_alpha
+
+
+def remat_blocks(remat: bool | int, first: int, num_blocks: int) -> range:
+    """The block indices a training forward recomputes (see EasyOmnimatte.__call__'s `remat`)."""
+    if isinstance(remat, bool) or remat == -1:
+        n = num_blocks if remat else 0
+    elif remat < 0:
+        raise ValueError(f"remat must be a bool, -1 (all blocks) or a block count >= 0, got {remat}")
+    else:
+        n = int(remat)
+    return range(first, min(first + n, num_blocks))
 
 
 def _rematerialized(step):

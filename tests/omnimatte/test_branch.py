@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omnijax.omnimatte.branch import EasyOmnimatte
+from omnijax.omnimatte.branch import EasyOmnimatte, remat_blocks
 from omnijax.omnimatte.experts import ExpertConfig, effect_expert
 from tests.omnimatte.helpers import base_run, experts, inputs, randomize_lora_b, run, tiny_base
 from tests.torch_refs import rel_err
@@ -97,13 +97,15 @@ def test_gradients_only_where_lora_lives(which):
     assert adapted == set(model.expert.blocks)
     for k, g in flat.items():
         assert np.abs(g).max() > 0, k
-    # The same gradient from a jitted, rematerialised step over the split (LoRA, frozen) state.
-    remat_loss = _loss_fn(d, target, remat=True)
+    # The same gradient from a jitted step over the split (LoRA, frozen) state, every block or only the first
+    # adapted one rematerialised.
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-    pure = lambda lora, rest: remat_loss(nnx.merge(graphdef, lora, rest), d["z_bg"], d["z_alpha"])
-    remat_grads = jax.jit(jax.grad(pure))(lora, rest)
-    for p, v in nnx.to_flat_state(remat_grads):
-        assert rel_err(v.get_value(), flat[".".join(map(str, p))]) <= 1e-5
+    for remat in (True, 1):
+        remat_loss = _loss_fn(d, target, remat=remat)
+        pure = lambda lora, rest: remat_loss(nnx.merge(graphdef, lora, rest), d["z_bg"], d["z_alpha"])
+        remat_grads = jax.jit(jax.grad(pure))(lora, rest)
+        for p, v in nnx.to_flat_state(remat_grads):
+            assert rel_err(v.get_value(), flat[".".join(map(str, p))]) <= 1e-5, (remat, p)
     # Differentiating w.r.t. every Param and the inputs exposes the stop_gradients: nothing upstream of the
     # first adapted block and nothing on the background path gets a gradient.
     all_grads, g_bg, g_alpha = nnx.grad(loss, argnums=(0, 1, 2))(model, d["z_bg"], d["z_alpha"])
@@ -170,3 +172,14 @@ def test_backward_skips_blocks_before_the_first_adapted_one():
     (f2, g2), (f3, g3) = counts[2], counts[3]
     assert f3 > f2 and g3 - g2 == f3 - f2  # no backward matmul for the extra frozen block
     assert g2 > f2  # the adapted block does have a backward pass
+
+
+def test_remat_blocks_counts_from_the_first_adapted_block():
+    assert list(remat_blocks(True, 20, 30)) == list(range(20, 30))
+    assert list(remat_blocks(-1, 0, 30)) == list(range(30))
+    assert list(remat_blocks(False, 0, 30)) == []
+    assert list(remat_blocks(0, 5, 30)) == []
+    assert list(remat_blocks(12, 0, 30)) == list(range(12))
+    assert list(remat_blocks(12, 25, 30)) == list(range(25, 30))
+    with pytest.raises(ValueError, match="remat must be"):
+        remat_blocks(-2, 0, 30)
