@@ -141,7 +141,6 @@ def bench_expert(model, inp, n_tokens, backend, repeats, remat):
     res["train_memory"] = _mem(step)
     res["train_ms"] = _median_ms(lambda: step(lora, rest, *targs), repeats)
     res["peak_bytes_after_train"] = _peak_bytes()
-    del step
     res.update(bench_train_step(model, inp, repeats, remat, backend))
     f_inf = flops(cfg, n_tokens, cfg.text_len + 257, expert, train=False)
     f_tr = flops(cfg, n_tokens, cfg.text_len + 257, expert, train=True)

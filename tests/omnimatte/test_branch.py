@@ -102,7 +102,7 @@ def test_gradients_only_where_lora_lives(which):
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     for remat in (True, 1):
         remat_loss = _loss_fn(d, target, remat=remat)
-        pure = lambda lora, rest: remat_loss(nnx.merge(graphdef, lora, rest), d["z_bg"], d["z_alpha"])
+        pure = lambda lora, rest, f=remat_loss: f(nnx.merge(graphdef, lora, rest), d["z_bg"], d["z_alpha"])
         remat_grads = jax.jit(jax.grad(pure))(lora, rest)
         for p, v in nnx.to_flat_state(remat_grads):
             assert rel_err(v.get_value(), flat[".".join(map(str, p))]) <= 1e-5, (remat, p)
