@@ -1,17 +1,26 @@
 """Block-wise effect association analysis of a Wan inpainting DiT (paper §3.2; spec easyomnimatte.md §6).
 
-Writes block_analysis.json (C_b per block, per-sample curves, the three-stage split, the Effect Expert's K),
-block_analysis.png (the curve with the stages) and block_analysis_maps.png (per-stage mean S maps of the
-first sample). With --emit-k the last stdout line is K alone, for scripts.
+The data are the project's synthetic composites (data.synthetic.SyntheticOmnimatte, spec §5): procedural
+foregrounds and backgrounds by default, or VideoMatte240K-style foregrounds (--fg-dir, fgr/ + pha/; its
+--fg-split subfolder, held-out "test" clips by default, as in the paper's appendix C) and a folder of background
+videos (--bg-dir). Samples go through the trainer's input pipeline (data.pipeline: keys, fit_to_latent); their
+effect_mask (pseudo-shadow minus the dilated object) is the M^e of eq. 3-4.
 
-  python launch/analyze_blocks.py --model tiny --out /tmp/analysis --emit-k          # random tiny model, CPU
+Writes block_analysis.json (C_b per block, per-sample curves, the three-stage split, the Effect Expert's K, the
+data source), block_analysis.png (the curve with the stages) and block_analysis_maps.png (per-stage mean S maps
+of the first sample). With --emit-k the last stdout line is K alone, for scripts. Bad input (size, frames,
+folders) ends with one "error: ..." line on stderr and exit status 2.
+
+  python launch/analyze_blocks.py --model tiny --layers 6 --out /tmp/analysis --emit-k   # random model, CPU
   python launch/analyze_blocks.py --checkpoint /ckpt/Wan2.1-Fun-1.3B-InP --vae /ckpt/Wan2.1_VAE.pth \
+      --fg-dir /data/VideoMatte240K_JPEG_HD --bg-dir /data/backgrounds --workers 12 \
       --samples 1000 --frames 81 --size 480x832 --out runs/analysis                 # the paper's setting
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,6 +33,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from data.composite import CompositeConfig  # noqa: E402
+from data.pipeline import latent_friendly, make_pipeline  # noqa: E402
+from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
+from data.synthetic import SyntheticOmnimatte  # noqa: E402
+from omnijax.io.video import VideoError  # noqa: E402
 from omnijax.models.wan.dit import WanDiT  # noqa: E402
 from omnijax.models.wan.variants import variant  # noqa: E402
 from omnijax.omnimatte import analysis  # noqa: E402
@@ -36,11 +50,17 @@ def _args(argv=None):
     p.add_argument("--checkpoint", default=None, help="real DiT weights (converters.load_wan_dit)")
     p.add_argument("--vae", default=None, help="Wan VAE weights (converters.load_wan_vae); default: a stand-in "
                                                 "pooling encoder, meaningful for random-model smoke runs only")
-    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8, help="synthetic videos to analyse (the paper: 1000)")
     p.add_argument("--frames", type=int, default=9, help="4k+1 pixel frames per sample")
     p.add_argument("--size", default="64x64", help="HxW in pixels (multiples of 16)")
+    p.add_argument("--fg-dir", default=None, help="VideoMatte240K-style foregrounds (fgr/ + pha/ clips); "
+                                                   "default: procedural foregrounds")
+    p.add_argument("--fg-split", default="test", help="subfolder of --fg-dir used when it has no fgr/ itself")
+    p.add_argument("--bg-dir", default=None, help="folder of background videos; default: procedural backgrounds")
+    p.add_argument("--workers", type=int, default=0, help="processes generating samples ahead (grain); 0: inline")
     p.add_argument("--sigma", type=float, default=0.5, help="noise level of the probed step (t = 1000 sigma)")
-    p.add_argument("--token-threshold", type=float, default=0.5, help="effect fraction that makes a token count")
+    p.add_argument("--token-threshold", type=float, default=None,
+                   help="binarise each token's effect fraction at this value; default: weigh tokens by it (exact)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -55,10 +75,17 @@ def _model(args):
         from converters import load_wan_dit
 
         _, model = load_wan_dit(args.checkpoint, dtype=dtype, param_dtype=dtype)
+        _check_blocks(model.config.num_layers, args.checkpoint)
         return model
     name = args.model if args.model.endswith(("-inp", "-i2v")) else f"{args.model}-inp"
     cfg = variant(name, **({} if args.layers is None else {"num_layers": args.layers}))
+    _check_blocks(cfg.num_layers, f"--model {args.model}")  # before building: a 14B model takes a while
     return WanDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(args.seed))
+
+
+def _check_blocks(n, what):
+    if n < 3:
+        raise InputError(f"{what} has {n} blocks; the three-stage split needs at least 3 (random models: --layers)")
 
 
 def _encoder(args):
@@ -70,10 +97,62 @@ def _encoder(args):
     return lambda video: vae.encode(video[None])[0]
 
 
-def _samples(args, height, width):
-    # The procedural dataset of the `data` package (spec §5) is the intended source; until it is wired in here,
-    # the analysis uses its own small built-in generator (moving disk with a cast shadow).
-    return analysis.toy_effect_samples(args.samples, frames=args.frames, height=height, width=width, seed=args.seed)
+class InputError(ValueError):
+    """Bad command-line input: reported as one "error:" line, exit status 2."""
+
+
+def dataset(args) -> SyntheticOmnimatte:
+    """The synthetic dataset the analysis reads: args.samples composites at args.frames x args.size."""
+    try:
+        height, width = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size {args.size!r}: expected HxW, e.g. 480x832") from None
+    if args.samples < 1:
+        raise InputError(f"--samples {args.samples}: need at least one sample")
+    try:
+        fitted = latent_friendly(args.frames, height, width)
+    except ValueError as e:
+        raise InputError(f"--frames {args.frames} --size {args.size}: {e}") from None
+    if fitted != (args.frames, height, width):
+        f, h, w = fitted
+        raise InputError(f"--frames {args.frames} --size {args.size}: frames must be 4k+1 and H, W multiples of 16 "
+                         f"(the VAE's 4x8x8 compression and the 2x2 patches); e.g. --frames {f} --size {h}x{w}")
+    fg = bg = None
+    try:
+        if args.fg_dir:
+            if not os.path.isdir(args.fg_dir):
+                raise InputError(f"--fg-dir {args.fg_dir}: no such folder")
+            fg = VideoMatteSource(args.fg_dir, split=args.fg_split, seed=args.seed)
+        if args.bg_dir:
+            if not os.path.isdir(args.bg_dir):
+                raise InputError(f"--bg-dir {args.bg_dir}: no such folder")
+            bg = VideoFolderSource(args.bg_dir, seed=args.seed)
+    except VideoError as e:
+        raise InputError(str(e)) from None
+    cfg = CompositeConfig(num_frames=args.frames, height=height, width=width)
+    return SyntheticOmnimatte(cfg, foregrounds=fg, backgrounds=bg, seed=args.seed, length=args.samples)
+
+
+def samples(ds, *, workers: int = 0):
+    """The dataset's samples in order, as the trainer's pipeline prepares them (fit_to_latent), without the
+    batch axis: dicts of video [F, H, W, 3], mask and effect_mask [F, H, W]."""
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; this CLI uses argparse
+            flags.FLAGS.mark_as_parsed()
+    batches = make_pipeline(ds, batch_size=1, shuffle=False, num_epochs=1, keys=("video", "mask", "effect_mask"),
+                            shard=(0, 1), drop_remainder=False, num_workers=workers)
+    for batch in batches:
+        yield {k: v[0] for k, v in batch.items()}
+
+
+def describe(args, ds) -> dict:
+    """The "data" field of the report: enough to regenerate the exact samples."""
+    return {"dataset": "data.synthetic.SyntheticOmnimatte", "seed": ds.seed, "samples": len(ds),
+            "foregrounds": f"VideoMatte {ds.fg.root} ({len(ds.fg)} clips)" if args.fg_dir else "procedural",
+            "backgrounds": f"{args.bg_dir} ({len(ds.bg)} clips)" if args.bg_dir else "procedural",
+            "composite": dataclasses.asdict(ds.cfg)}
 
 
 def _atomic(path, write):
@@ -121,25 +200,31 @@ def _plots(res, out):
         plt.close(fig)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = _args(argv)
-    height, width = (int(v) for v in args.size.lower().split("x"))
+    try:
+        ds = dataset(args)
+        model = _model(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
-    model = _model(args)
-    res = analysis.analyze(model, _samples(args, height, width), _encoder(args), sigma=args.sigma, seed=args.seed,
-                           backend=args.backend, token_threshold=args.token_threshold,
-                           progress=lambda i: print(f"sample {i + 1}/{args.samples}", file=sys.stderr))
+    res = analysis.analyze(model, samples(ds, workers=args.workers), _encoder(args), sigma=args.sigma,
+                           seed=args.seed, backend=args.backend, token_threshold=args.token_threshold,
+                           progress=lambda i: print(f"sample {i + 1}/{len(ds)}", file=sys.stderr))
     report = {k: v for k, v in res.items() if k != "maps"}
     report.update(model=args.checkpoint or args.model, num_blocks=len(res["contribution"]), frames=args.frames,
-                  size=[height, width], data="builtin toy generator", encoder="vae" if args.vae else "pool stand-in",
-                  device=jax.devices()[0].platform)
+                  size=[ds.cfg.height, ds.cfg.width], data=describe(args, ds),
+                  token_weights="fraction" if args.token_threshold is None else f">= {args.token_threshold}",
+                  encoder="vae" if args.vae else "pool stand-in", device=jax.devices()[0].platform)
     _atomic(os.path.join(args.out, "block_analysis.json"),
             lambda p: open(p, "w").write(json.dumps(report, indent=1)))
     _plots(res, args.out)
     print(json.dumps({k: report[k] for k in ("troughs", "stages", "effect_expert_k", "method")}))
     if args.emit_k:
         print(res["effect_expert_k"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,10 +3,11 @@
 Axis letters: B batch, F pixel frames, T latent frames, H/W pixels, L tokens, N heads, K head dim.
 
 For block b, S_b(p) (eq. 3) is the fraction of query token p's self-attention mass on keys inside the effect
-mask M^e. That is an attention whose values are the indicator of M^e, so it runs through the fused kernel at
-full resolution without an L x L map. C_b (eq. 4) is the sum of S_b over effect-region queries, normalised over
-blocks per video, then averaged over the dataset. The curve's two deepest troughs split the blocks into three
-stages; the last stage is the Effect Expert's default set of adapted blocks.
+mask M^e. That is an attention whose values are M^e (per key token: the fraction of its pixels inside M^e), so it
+runs through the fused kernel at full resolution without an L x L map. C_b (eq. 4) is the sum of S_b over M^e's
+pixels, normalised over blocks per video, then averaged over the dataset. Reading a token's attention as spread
+evenly over its pixels, both are the pixel-level equations exactly (token_mask). The curve's two deepest troughs
+split the blocks into three stages; the last stage is the Effect Expert's default set of adapted blocks.
 """
 
 from __future__ import annotations
@@ -23,29 +24,51 @@ from omnijax.layers.attention import attention
 from omnijax.omnimatte.masks import condition_y, latent_mask, removal_mask
 
 
-def token_mask(mask, patch=(1, 2, 2), vae_stride=(4, 8, 8), threshold: float = 0.5):
-    """Pixel mask [F, H, W] -> per-token indicator [L] (float32 0/1) on the DiT's token grid.
+def _token_cells(x, patch, vae_stride):
+    """Sums a pixel-frame array [F, H, W] over each token's pixels -> [T', h', w'] (T' = latent frames / pt).
 
-    A token covers latent frame t (pixel frame 0 for t = 0, frames 4t-3..4t otherwise) and a
-    (ph*8) x (pw*8) pixel square; it is inside the mask when the covered fraction reaches `threshold`.
+    Latent frame 0 holds pixel frame 0 alone and latent frame t the frames 4t-3..4t (the VAE's causal grouping),
+    so frame 0's group is padded with empty frames: the sums count real pixels only.
     """
-    m = jnp.asarray(mask, jnp.float32)
-    f, hh, ww = m.shape
+    f, hh, ww = x.shape
     st, sh, sw = vae_stride
     if f % st != 1 or hh % (sh * patch[1]) or ww % (sw * patch[2]):
-        raise ValueError(f"mask {m.shape}: frames must be {st}k+1 and H, W multiples of {sh * patch[1]}")
-    frames = jnp.concatenate([jnp.repeat(m[:1], st, axis=0), m[1:]], axis=0)  # the VAE's causal grouping
-    t = frames.shape[0] // (st * patch[0])
-    cells = frames.reshape(t, st * patch[0], hh // (sh * patch[1]), sh * patch[1], ww // (sw * patch[2]),
-                           sw * patch[2]).mean(axis=(1, 3, 5))
-    return (cells >= threshold).astype(jnp.float32).reshape(-1)
+        raise ValueError(f"mask {x.shape}: frames must be {st}k+1 and H, W multiples of {sh * patch[1]}")
+    if ((f - 1) // st + 1) % patch[0]:
+        raise ValueError(f"mask {x.shape}: {(f - 1) // st + 1} latent frames do not split into patches of {patch[0]}")
+    x = jnp.concatenate([jnp.zeros((st - 1, hh, ww), x.dtype), x], axis=0)
+    t = x.shape[0] // (st * patch[0])
+    return x.reshape(t, st * patch[0], hh // (sh * patch[1]), sh * patch[1], ww // (sw * patch[2]),
+                     sw * patch[2]).sum(axis=(1, 3, 5))
+
+
+def token_pixels(num_frames: int, height: int, width: int, patch=(1, 2, 2), vae_stride=(4, 8, 8)):
+    """Number of pixels (over all pixel frames) each token stands for: [L] float32.
+
+    Tokens of latent frame 0 cover one pixel frame, the others `vae_stride[0]`, so eq. 4's sum over pixel frames
+    weighs them 1 : 4.
+    """
+    return _token_cells(jnp.ones((num_frames, height, width), jnp.float32), patch, vae_stride).reshape(-1)
+
+
+def token_mask(mask, patch=(1, 2, 2), vae_stride=(4, 8, 8), threshold: float | None = None):
+    """Pixel mask [F, H, W] in {0, 1} -> the fraction of each token's pixels inside it, [L] float32.
+
+    Attention runs on tokens, so spreading a token's attention evenly over its pixels makes eq. 3 and 4 at pixel
+    level exact with these fractions: the mass a query puts on M^e is sum_y W(p, y) * fraction(y), and the sum of
+    S over M^e's pixels is sum_p S(p) * fraction(p) * token_pixels(p). With `threshold` the fraction is binarised
+    (1 where it reaches `threshold`), the coarser token-level reading of M^e.
+    """
+    m = jnp.asarray(mask, jnp.float32)
+    frac = _token_cells(m, patch, vae_stride).reshape(-1) / token_pixels(*m.shape, patch, vae_stride)
+    return frac if threshold is None else (frac >= threshold).astype(jnp.float32)
 
 
 def association_attention(q, k, indicator, *, backend: str = "auto"):
     """Eq. 3 for every query: attention mass on indicated keys, averaged over heads.
 
     Args:
-      q: [B, L, N, K] (RoPE applied); k: [B, S, N, K]; indicator: [B, S] in {0, 1}.
+      q: [B, L, N, K] (RoPE applied); k: [B, S, N, K]; indicator: [B, S] in [0, 1] (M^e fraction per key).
     Returns:
       S [B, L] float32.
     """
@@ -75,7 +98,7 @@ def block_scores(base, z_t, timesteps, context, clip, y, indicator, *, backend: 
     """S_b for every block: [num_blocks, B, L], from one plain forward of the base model.
 
     The base's self-attention hook sees each block's rotated q and k in order; next to the normal attention it
-    computes eq. 3 with the indicator [B, L] of the effect tokens as values.
+    computes eq. 3 with the effect fraction [B, L] of the tokens (token_mask) as values.
     """
     x, rope, _ = base.embed(z_t, y)
     _, e0, text, image = base.condition(timesteps, context, clip)
@@ -89,9 +112,16 @@ def block_scores(base, z_t, timesteps, context, clip, y, indicator, *, backend: 
     return jnp.stack(scores)
 
 
-def contribution(scores, effect_tokens):
-    """Eq. 4 for one video: C_b = sum_p S_b(p) M^e(p) / sum_b (same). scores [blocks, L], effect_tokens [L]."""
-    per_block = jnp.sum(scores * effect_tokens[None], axis=-1)
+def contribution(scores, weights):
+    """Eq. 4 for one video: C_b = sum_p S_b(p) M^e(p) / sum_b (same).
+
+    Args:
+      scores: S [blocks, L].
+      weights: [L], the number of M^e pixels each token stands for (token_mask * token_pixels), or any multiple.
+    Returns:
+      C [blocks], summing to 1.
+    """
+    per_block = jnp.sum(scores * weights[None], axis=-1)
     return per_block / jnp.sum(per_block)
 
 
@@ -118,39 +148,44 @@ def split_stages(curve) -> dict:
 
 
 def analyze(base, samples: Iterable[Mapping], encode: Callable, *, sigma: float = 0.5, seed: int = 0,
-            backend: str = "auto", token_threshold: float = 0.5, dilation: int = 11, keep_maps: int = 1,
+            backend: str = "auto", token_threshold: float | None = None, dilation: int = 11, keep_maps: int = 1,
             progress: Callable | None = None) -> dict:
     """Runs the analysis over a dataset.
 
     Args:
       base: a WanDiT (i2v / Fun-InP: the inpainting model).
-      samples: dicts with "video" [F, H, W, 3] in [0, 1], "mask" [F, H, W] (object), "effect_mask" [F, H, W].
+      samples: dicts with "video" [F, H, W, 3] in [0, 1], "mask" [F, H, W] (object) and "effect_mask" [F, H, W]
+        (effect region minus the dilated object), F = 4k+1 and H, W multiples of 16: the samples of
+        data.synthetic.SyntheticOmnimatte (spec §5) after data.pipeline.fit_to_latent.
       encode: video [F, H, W, 3] in [-1, 1] -> latent [T, H/8, W/8, 16] (the VAE's encoder).
       sigma: noise level of the probed denoising step (t = 1000 sigma).
+      token_threshold: None weighs tokens by their M^e fraction (exact, see token_mask); a number binarises it.
       keep_maps: keep the S maps of the first `keep_maps` samples ([blocks, T, h, w]) for plotting.
+      progress: called with the index of every sample read.
     Returns:
       {"contribution": [B] dataset mean, "per_sample": [[B], ...], "skipped": count without effect tokens,
        "maps": [...], "grid": (T, h, w), plus split_stages(...)}.
     """
     key = jax.random.key(seed)
+    patch = base.config.patch_size
     per_sample, maps, skipped, grid = [], [], 0, None
     for i, sample in enumerate(samples):
-        key, sub = jax.random.split(key)
-        z_t, t, y, context, clip = model_inputs(base, sample, encode, sigma=sigma, key=sub, dilation=dilation)
-        effect = token_mask(sample["effect_mask"], base.config.patch_size, threshold=token_threshold)
-        pt, ph, pw = base.config.patch_size
-        grid = (z_t.shape[1] // pt, z_t.shape[2] // ph, z_t.shape[3] // pw)
+        key, sub = jax.random.split(key)  # split for every sample, so sample i's noise does not depend on skips
+        if progress:
+            progress(i)
+        effect = token_mask(sample["effect_mask"], patch, threshold=token_threshold)
         if float(effect.sum()) == 0:
             skipped += 1
             continue
+        z_t, t, y, context, clip = model_inputs(base, sample, encode, sigma=sigma, key=sub, dilation=dilation)
+        grid = (z_t.shape[1] // patch[0], z_t.shape[2] // patch[1], z_t.shape[3] // patch[2])
         scores = block_scores(base, z_t, t, context, clip, y, effect[None], backend=backend)[:, 0]
-        per_sample.append(np.asarray(contribution(scores, effect)))
+        weights = effect * token_pixels(*np.shape(sample["effect_mask"]), patch)
+        per_sample.append(np.asarray(contribution(scores, weights)))
         if len(maps) < keep_maps:
             maps.append(np.asarray(scores).reshape(-1, *grid))
-        if progress:
-            progress(i)
     if not per_sample:
-        raise ValueError("no sample had effect tokens: the analysis needs effect masks (shadows, reflections)")
+        raise ValueError("no sample had effect pixels: the analysis needs effect masks (shadows, reflections)")
     curve = np.mean(per_sample, axis=0)
     return {"contribution": curve.tolist(), "per_sample": [p.tolist() for p in per_sample], "skipped": skipped,
             "num_samples": len(per_sample), "sigma": sigma, "grid": list(grid), "maps": maps,
@@ -170,29 +205,3 @@ def pool_encoder(channels: int = 16, seed: int = 0):
         return v @ proj
 
     return encode
-
-
-def toy_effect_samples(num: int, *, frames: int = 5, height: int = 64, width: int = 64, seed: int = 0):
-    """A tiny procedural dataset (moving disk + cast shadow over a moving texture) for tests and the CLI default
-    when the data package is absent. Yields the sample dicts `analyze` takes."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    for _ in range(num):
-        r = rng.uniform(0.15, 0.22) * min(height, width)
-        x0, y0 = rng.uniform(0.25, 0.5) * width, rng.uniform(0.25, 0.45) * height
-        vx, phase = rng.uniform(-1.5, 1.5), rng.uniform(0, 6.28)
-        colour = rng.uniform(0.6, 1.0, 3)
-        sdx, sdy = rng.uniform(0.6, 1.0) * r, rng.uniform(1.1, 1.4) * r
-        video, mask, effect = [], [], []
-        for f in range(frames):
-            bg = 0.35 + 0.15 * np.sin(0.2 * xx + 0.15 * yy + phase + 0.3 * f)[..., None] * np.array([1, 0.8, 0.6])
-            cx, cy = x0 + vx * f, y0
-            obj = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r ** 2).astype(np.float32)
-            shadow = ((xx - cx - sdx) / (1.8 * r)) ** 2 + ((yy - cy - sdy) / (0.8 * r)) ** 2 <= 1
-            shadow = shadow.astype(np.float32) * (1 - obj)
-            frame = bg * (1 - 0.5 * shadow[..., None])
-            frame = frame * (1 - obj[..., None]) + colour * obj[..., None]
-            video.append(np.clip(frame, 0, 1))
-            mask.append(obj)
-            effect.append(shadow)
-        yield {"video": np.stack(video).astype(np.float32), "mask": np.stack(mask), "effect_mask": np.stack(effect)}

@@ -1,9 +1,13 @@
-"""Block analysis: eq. 3 via indicator-valued attention vs the explicit softmax map; eq. 4; stage split."""
+"""Block analysis on a synthetic-dataset sample: eq. 3-4 vs the pixel-level equations on the explicit softmax map;
+token grouping in closed form; the stage split."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data.composite import CompositeConfig
+from data.synthetic import SyntheticOmnimatte
 from omnijax.layers.attention import attention
 from omnijax.omnimatte import analysis as an
 from tests.omnimatte.helpers import tiny_base
@@ -22,37 +26,52 @@ def _captured_qk(base, z_t, t, context, clip, y):
     return seen
 
 
-def test_scores_equal_the_brute_force_attention_map():
-    base = tiny_base(num_layers=3)
-    sample = next(an.toy_effect_samples(1, frames=5, height=32, width=48, seed=3))
-    encode = an.pool_encoder()
-    import jax
-    z_t, t, y, context, clip = an.model_inputs(base, sample, encode, sigma=0.6, key=jax.random.key(0))
-    effect = an.token_mask(sample["effect_mask"], threshold=0.25)
-    assert 0 < float(effect.sum()) < effect.size
-    scores = np.asarray(an.block_scores(base, z_t, t, context, clip, y, effect[None], backend="xla"))[:, 0]
+def _pixel_tokens(num_frames, height, width):
+    """Token index of every pixel [F*H*W]: latent frame 0 = pixel frame 0, latent t = frames 4t-3..4t; 16x16 px."""
+    f = np.arange(num_frames)
+    lat = np.where(f == 0, 0, (f - 1) // 4 + 1)
+    gh, gw = height // 16, width // 16
+    tok = (lat[:, None, None] * gh + (np.arange(height) // 16)[None, :, None]) * gw + (np.arange(width) // 16)
+    return tok.reshape(-1)
 
-    ind = np.asarray(effect, bool)
-    brute = []
+
+def test_scores_equal_the_pixel_level_equations_on_a_dataset_sample():
+    base = tiny_base(num_layers=3)
+    sample = SyntheticOmnimatte(CompositeConfig(num_frames=5, height=32, width=48), seed=0)[0]
+    z_t, t, y, context, clip = an.model_inputs(base, sample, an.pool_encoder(), sigma=0.6, key=jax.random.key(0))
+    effect = an.token_mask(sample["effect_mask"])
+    # The sample's thin shadow fills no token: only partial fractions, which a 0.5 threshold would drop.
+    assert 0 < float(effect.max()) < 0.5
+    scores = np.asarray(an.block_scores(base, z_t, t, context, clip, y, effect[None], backend="xla"))[:, 0]
+    weights = effect * an.token_pixels(*sample["effect_mask"].shape)
+    c = np.asarray(an.contribution(jnp.asarray(scores), weights))
+
+    # Brute force at pixel level: the full L x L softmax map W, each key token's weight spread evenly over its
+    # pixels; eq. 3 sums it over M^e's pixels, eq. 4 sums S over M^e's pixels of all frames.
+    tok = _pixel_tokens(*sample["effect_mask"].shape)
+    e = sample["effect_mask"].reshape(-1).astype(np.float64)
+    n_pix = np.bincount(tok)
+    brute, num = [], []
     for q, k in _captured_qk(base, z_t, t, context, clip, y):
         logits = np.einsum("blnk,bsnk->bnls", q, k) / np.sqrt(q.shape[-1])
-        w = np.exp(logits - logits.max(-1, keepdims=True))  # the full L x L softmax map W
-        s = w[..., ind].sum(-1) / w.sum(-1)  # eq. 3 per head
-        brute.append(s.mean(axis=1)[0])  # mean over heads -> [L]
-    brute = np.stack(brute)
-    np.testing.assert_allclose(scores, brute, rtol=1e-5, atol=1e-6)
-    c = np.asarray(an.contribution(jnp.asarray(scores), effect))
-    num = (brute * np.asarray(effect)[None]).sum(-1)
-    np.testing.assert_allclose(c, num / num.sum(), rtol=1e-5)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w_pix = w[..., tok] / n_pix[tok]  # [B, N, L, pixels]
+        s = ((w_pix * e).sum(-1) / w_pix.sum(-1)).mean(axis=1)[0]  # eq. 3, mean over heads -> [L]
+        brute.append(s)
+        num.append((s[tok] * e).sum())
+    np.testing.assert_allclose(scores, np.stack(brute), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, np.array(num) / np.sum(num), rtol=1e-5)
 
 
-def test_token_mask_grouping():
+def test_token_mask_fractions_and_pixels():
     m = np.zeros((5, 16, 32), np.float32)
-    m[0, :16, :16] = 1  # latent frame 0, token (0, 0)
-    m[1:5, :16, 16:] = 1  # latent frame 1, token (0, 1)
-    m[2, :, :] = 1  # one of four frames: a quarter, below the threshold
+    m[0, :16, :16] = 1  # latent frame 0 (pixel frame 0 alone), token (0, 0): full
+    m[1:5, :16, 16:] = 1  # latent frame 1, token (0, 1): full
+    m[2, :8, :16] = 1  # half of one of its four frames, token (0, 0): 1/8
     tok = np.asarray(an.token_mask(m)).reshape(2, 1, 2)
-    np.testing.assert_array_equal(tok, [[[1, 0]], [[0, 1]]])
+    np.testing.assert_allclose(tok, [[[1, 0]], [[0.125, 1]]])
+    np.testing.assert_array_equal(an.token_pixels(5, 16, 32), [256, 256, 1024, 1024])
+    np.testing.assert_array_equal(an.token_mask(m, threshold=0.5), [1, 0, 0, 1])
     with pytest.raises(ValueError, match="4k"):
         an.token_mask(np.zeros((4, 16, 16)))
 
@@ -66,20 +85,3 @@ def test_stage_split_at_troughs():
     assert out["troughs"] == [1, 5]
     mono = an.split_stages(np.arange(9.0))
     assert mono["method"].startswith("thirds") and mono["stages"] == [[0, 3], [3, 6], [6, 9]]
-
-
-def test_cli_end_to_end(tmp_path):
-    import subprocess
-    import sys
-
-    out = tmp_path / "analysis"
-    cmd = [sys.executable, "launch/analyze_blocks.py", "--model", "tiny", "--layers", "4", "--samples", "2",
-           "--frames", "5", "--size", "32x32", "--token-threshold", "0.25", "--out", str(out), "--emit-k"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    import json
-    rep = json.loads((out / "block_analysis.json").read_text())
-    assert len(rep["contribution"]) == 4 and abs(sum(rep["contribution"]) - 1) < 1e-5
-    assert rep["num_samples"] + rep["skipped"] == 2 and rep["effect_expert_k"] == 4 - rep["troughs"][1]
-    assert (out / "block_analysis.png").stat().st_size > 0 and (out / "block_analysis_maps.png").stat().st_size > 0
-    assert proc.stdout.strip().splitlines()[-1] == str(rep["effect_expert_k"])
