@@ -31,22 +31,28 @@ from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
 from data.synthetic import SyntheticOmnimatte  # noqa: E402
 
 
-def vae_encoder(path: str, *, mean_only: bool = False):
-    """Jitted bf16 encoder of the Wan VAE at `path`: video -> (normalised mean, logvar), or the mean alone."""
+def posterior_encoder(vae, *, mean_only: bool = False):
+    """Jitted host encoder of a WanVAE for `cache_latents`: video -> (normalised mean, logvar), or the mean alone."""
     import jax
-    import jax.numpy as jnp
 
-    from launch.common import load_model
     from omnijax.omnimatte.decompose import jit_module_fn
 
-    _, vae = load_model("wan_vae", path, jnp.bfloat16)
-
     def posterior(vae, x):
-        mean, logvar = vae.posterior(x.astype(jnp.bfloat16))
+        mean, logvar = vae.posterior(x.astype(vae.dtype))
         return mean if mean_only else (mean, logvar)
 
     fn = jit_module_fn(vae, posterior)
     return lambda x: jax.device_get(fn(x))
+
+
+def vae_encoder(path: str, *, mean_only: bool = False):
+    """`posterior_encoder` of the Wan VAE at `path` (converted omnijax checkpoint or original files), in bf16."""
+    import jax.numpy as jnp
+
+    from launch.common import load_model
+
+    _, vae = load_model("wan_vae", path, jnp.bfloat16)
+    return posterior_encoder(vae, mean_only=mean_only)
 
 
 def build_source(a, parser):
