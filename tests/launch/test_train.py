@@ -4,7 +4,6 @@ and training from a latent cache."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
