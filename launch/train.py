@@ -187,8 +187,12 @@ def make_prepare(vae, *, cached: bool, sample: bool):
     from omnijax.omnimatte.decompose import jit_module_fn
 
     if cached:
-        def from_cache(batch, key):
-            post = {name: (batch[name], batch.get("logvar_" + name[2:])) for name, _ in LATENTS}
+        from data.latent_cache import LATENT_KEYS, LOGVAR_KEYS
+
+        logvar_of = dict(zip(LATENT_KEYS, LOGVAR_KEYS))
+
+        def from_cache(batch, key):  # the logvars are in the batch only when sampling (see make_input)
+            post = {name: (batch[name], batch.get(logvar_of[name])) for name, _ in LATENTS}
             return model_inputs(post, batch["mask"], key, sample=sample)
 
         return jax.jit(from_cache)
