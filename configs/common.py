@@ -49,8 +49,11 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     height, width = _resolution(a["res"])
+    # latent_cache: a folder written by launch/cache_latents.py; training then reads VAE posteriors from it and
+    # never runs the VAE encoder ("" = encode the pixel composites every step). vae_sample: x0 latents are a
+    # fresh posterior sample per step (the reference's `.sample()`), False: the posterior mean.
     c.input = dict(source="procedural", batch_size=1, frames=a["frames"], height=height, width=width,
-                   num_threads=4, fg_dir="", bg_dir="", conditioning_cache="")
+                   num_threads=4, fg_dir="", bg_dir="", conditioning_cache="", latent_cache="", vae_sample=True)
     # remat: trainable blocks that recompute their forward in the backward pass (-1 all, 0 none, n the first n
     # adapted ones); see EasyOmnimatte.__call__. Lower it for shorter clips, raise it if the step runs out of memory.
     c.model = dict(variant=BASES[a["base"]]["variant"], dtype="bf16", remat=BASES[a["base"]]["remat"][expert],

@@ -2,16 +2,22 @@
 
 Axis letters: B batch, F frames (4k + 1), H/W pixels, T = (F − 1)/4 + 1 latent frames, h/w = H/8, W/8, C = 16.
 
-The encoder is any callable `encode(video) -> latents` with video float32 [B, F, H, W, 3] in [-1, 1] and
-normalised latents [B, T, h, w, 16] (the Wan VAE's `encode`); it is passed in, so this module does not depend on
-the VAE code. Per sample the cache encodes the composite video, the clean background and the ground-truth alpha
-as a grey video (α repeated to 3 channels, mapped to [-1, 1], spec §2) in one encoder call of batch 3·B, and
-writes `{index:08d}.npz` with:
-  z_video, z_background, z_alpha   [T, h, w, 16] (float16 by default, or float32)
+The encoder is any callable `encode(video)` with video float32 [B, F, H, W, 3] in [-1, 1] that returns either
+normalised latents [B, T, h, w, 16] (e.g. the Wan VAE's posterior mean, `WanVAE.encode`) or the posterior as a
+pair (normalised mean, logvar), each [B, T, h, w, 16] (`WanVAE.posterior`); it is passed in, so this module does
+not depend on the VAE code. Per sample the cache encodes the composite video, the clean background and the
+ground-truth alpha as a grey video (α repeated to 3 channels, mapped to [-1, 1], spec §2) in one encoder call of
+batch 3·B, and writes `{index:08d}.npz` with:
+  z_video, z_background, z_alpha   [T, h, w, 16] (float16 by default, or float32): what the encoder returned,
+                                   or the posterior mean when it returned a pair
+  logvar_video, logvar_background, logvar_alpha
+                                   [T, h, w, 16], same dtype, only when the encoder returned a pair; with them a
+                                   trainer can draw a fresh posterior sample every step, as from pixels
   mask, effect_mask                [F, H, W] uint8 0/1 (pixel masks: the condition is built from them)
   first_frame                      [H, W, 3] uint8 (the CLIP image)
   params                           float32 vector, names in meta.json
-Files are written atomically and existing ones are skipped, so a preempted job resumes where it stopped.
+meta.json holds {"param_names", "latent_dtype", "logvar": bool}. Files are written atomically and existing ones
+are skipped, so a preempted job resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ from data.pipeline import fit_to_latent
 
 Encoder = Callable[[np.ndarray], np.ndarray]
 LATENT_KEYS = ("z_video", "z_background", "z_alpha")
+LOGVAR_KEYS = ("logvar_video", "logvar_background", "logvar_alpha")  # paired with LATENT_KEYS in order
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float pixels in [0, 1] -> uint8 (round to nearest): how the cache stores the CLIP frame."""
+    return np.clip(np.rint(np.asarray(image, np.float32) * 255), 0, 255).astype(np.uint8)
 
 
 def _write_npz(path: str, arrays: dict) -> None:
@@ -57,7 +69,8 @@ def cache_latents(source, encode: Encoder, out_dir: str, *, indices: Sequence[in
 
     Args:
       source: random-access composites (`SyntheticOmnimatte`, `TfdsOmnimatte`), float32 samples in [0, 1].
-      encode: video [B, F, H, W, 3] in [-1, 1] -> latents [B, T, H/8, W/8, 16].
+      encode: video [B, F, H, W, 3] in [-1, 1] -> latents [B, T, H/8, W/8, 16], or a (mean, logvar) pair of them
+        (then both are stored, see the module docstring).
       indices: which samples (default all); split them across hosts for a parallel job.
       batch_size: samples per encoder call (the call sees 3·batch_size videos).
       dtype: storage dtype of the latents.
@@ -81,32 +94,39 @@ def cache_latents(source, encode: Encoder, out_dir: str, *, indices: Sequence[in
         videos = [s["video"] for s in samples] + [s["background"] for s in samples] + [grey(s["alpha"])
                                                                                          for s in samples]
         x = np.stack(videos).astype(np.float32) * 2.0 - 1.0
-        z = np.asarray(encode(x))
+        out = encode(x)
+        z, logvar = (np.asarray(out[0]), np.asarray(out[1])) if isinstance(out, tuple) else (np.asarray(out), None)
         nb = len(chunk)
         f, h, w = x.shape[1:4]
         want = (3 * nb, (f - 1) // 4 + 1, h // 8, w // 8)
         if z.ndim != 5 or z.shape[:4] != want:
             raise ValueError(f"encoder returned {z.shape}; expected {want} + (channels,) for input {x.shape}")
+        if logvar is not None and logvar.shape != z.shape:
+            raise ValueError(f"encoder returned a mean {z.shape} and a logvar {logvar.shape} of different shapes")
         for j, (i, s) in enumerate(zip(chunk, samples)):
             names = sorted(s["params"]) if names is None else names
+            arrays = {key: z[k * nb + j].astype(dtype) for k, key in enumerate(LATENT_KEYS)}
+            if logvar is not None:
+                arrays.update({key: logvar[k * nb + j].astype(dtype) for k, key in enumerate(LOGVAR_KEYS)})
             _write_npz(sample_path(out_dir, i), {
-                "z_video": z[j].astype(dtype), "z_background": z[nb + j].astype(dtype),
-                "z_alpha": z[2 * nb + j].astype(dtype),
+                **arrays,
                 "mask": (s["mask"] > 0.5).astype(np.uint8), "effect_mask": (s["effect_mask"] > 0.5).astype(np.uint8),
-                "first_frame": np.clip(np.rint(s["video"][0] * 255), 0, 255).astype(np.uint8),
+                "first_frame": to_uint8(s["video"][0]),
                 "params": np.array([s["params"][k] for k in names], np.float32),
             })
             written += 1
     meta_path = os.path.join(out_dir, "meta.json")
     if names is not None and not os.path.exists(meta_path):
-        _write_json(meta_path, {"param_names": names, "latent_dtype": np.dtype(dtype).name})
+        _write_json(meta_path, {"param_names": names, "latent_dtype": np.dtype(dtype).name,
+                                "logvar": logvar is not None})
     return written
 
 
 class LatentSource:
     """Random-access reader of a latent cache (for `data.pipeline.make_pipeline`).
 
-    Samples are dicts: z_video, z_background, z_alpha as float32 [T, h, w, 16]; mask, effect_mask float32
+    Samples are dicts: z_video, z_background, z_alpha as float32 [T, h, w, 16] (and logvar_video,
+    logvar_background, logvar_alpha when the cache holds them: `has_logvar`); mask, effect_mask float32
     [F, H, W]; first_frame uint8 [H, W, 3]; params dict (when meta.json names them).
 
     Raises:
@@ -126,13 +146,15 @@ class LatentSource:
         if os.path.exists(meta):
             with open(meta) as f:
                 self.param_names = json.load(f)["param_names"]
+        with np.load(self.files[0]) as z:
+            self.has_logvar = all(k in z.files for k in LOGVAR_KEYS)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
         with np.load(self.files[int(index)]) as z:
-            out = {k: z[k].astype(np.float32) for k in LATENT_KEYS}
+            out = {k: z[k].astype(np.float32) for k in LATENT_KEYS + (LOGVAR_KEYS if self.has_logvar else ())}
             out.update(mask=z["mask"].astype(np.float32), effect_mask=z["effect_mask"].astype(np.float32),
                        first_frame=z["first_frame"])
             if self.param_names is not None:

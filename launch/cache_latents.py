@@ -6,8 +6,14 @@
     python launch/cache_latents.py --out DIR --standin ...      # smoke run with the VAE-shaped stand-in
 
 Samples already in DIR are skipped, so a stopped job resumes. `--shard I/N` caches every N-th sample from I,
-for one process of a multi-host job. The VAE comes from `converters.load_wan_vae(PATH)`; its `encode` takes
-video [B, F, H, W, 3] in [-1, 1] and returns normalised latents [B, T, H/8, W/8, 16].
+for one process of a multi-host job. The VAE comes from `converters.load_wan_vae(PATH)` (or an omnijax checkpoint
+folder written by launch/convert.py); it takes video [B, F, H, W, 3] in [-1, 1].
+
+What is stored: the VAE posterior of every clip, i.e. the normalised mean AND the log-variance
+(`WanVAE.posterior`), so the trainer can draw a fresh `.sample()` every step as the reference trains
+(`config.input.vae_sample=True`, the default). `--mean-only` halves the latent storage by dropping the
+log-variance; such a cache trains on the posterior mean and needs `--config.input.vae_sample=False`.
+Train from the cache with `python launch/train.py ... --config.input.latent_cache=DIR` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -25,16 +31,28 @@ from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
 from data.synthetic import SyntheticOmnimatte  # noqa: E402
 
 
-def vae_encoder(path: str):
-    """Jitted bf16 encode function of the Wan VAE at `path`."""
+def posterior_encoder(vae, *, mean_only: bool = False):
+    """Jitted host encoder of a WanVAE for `cache_latents`: video -> (normalised mean, logvar), or the mean alone."""
     import jax
+
+    from omnijax.omnimatte.decompose import jit_module_fn
+
+    def posterior(vae, x):
+        mean, logvar = vae.posterior(x.astype(vae.dtype))
+        return mean if mean_only else (mean, logvar)
+
+    fn = jit_module_fn(vae, posterior)
+    return lambda x: jax.device_get(fn(x))
+
+
+def vae_encoder(path: str, *, mean_only: bool = False):
+    """`posterior_encoder` of the Wan VAE at `path` (converted omnijax checkpoint or original files), in bf16."""
     import jax.numpy as jnp
 
-    from converters import load_wan_vae
+    from launch.common import load_model
 
-    _, vae = load_wan_vae(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    fn = jax.jit(lambda x: vae.encode(x.astype(jnp.bfloat16)).astype(jnp.float32))
-    return lambda x: jax.device_get(fn(x))
+    _, vae = load_model("wan_vae", path, jnp.bfloat16)
+    return posterior_encoder(vae, mean_only=mean_only)
 
 
 def build_source(a, parser):
@@ -76,12 +94,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--shard", default="0/1", help="I/N: this process caches samples I, I+N, ...")
     p.add_argument("--float32", action="store_true", help="store latents as float32 (default float16)")
+    p.add_argument("--mean-only", action="store_true",
+                   help="store the posterior mean only, not its log-variance (train with input.vae_sample=False)")
     a = p.parse_args(argv)
     if bool(a.vae) == bool(a.standin):
         p.error("give exactly one of --vae PATH or --standin")
     i, n = (int(t) for t in a.shard.split("/"))
     source = build_source(a, p)
-    encode = standin_encoder if a.standin else vae_encoder(a.vae)
+    encode = standin_encoder if a.standin else vae_encoder(a.vae, mean_only=a.mean_only)
     import numpy as np
 
     written = cache_latents(source, encode, a.out, indices=range(i, len(source), n), batch_size=a.batch,

@@ -2,6 +2,12 @@
 
   python launch/train.py --config configs/effect_expert.py --workdir runs/effect [--config.key=value ...]
   python launch/train.py --config configs/effect_expert.py:runlocal --workdir /tmp/effect     # tiny, CPU
+  python launch/train.py --config configs/effect_expert.py --workdir runs/effect --config.input.latent_cache=DIR
+
+Input: pixel composites VAE-encoded inside the loop (default), or with `config.input.latent_cache` the VAE
+posteriors written by launch/cache_latents.py (the encoder is then never run in the loop). Both paths end in
+`model_inputs` (x0 latents and the condition y); `config.input.vae_sample` picks a posterior sample per step
+(the reference's `.sample()`, default) or the posterior mean.
 
 One readable loop (big_vision's train.py as the model): logging -> mesh -> input -> models -> shardings ->
 optimizer / restore -> compiled step -> loop (step; log; non-finite guard; checkpoint; preview) -> LoRA export.
@@ -84,9 +90,16 @@ def expert_config(config, num_layers: int):
     return ExpertConfig(e.name, int(lora.rank), float(lora.alpha), blocks, e.mask, tuple(lora.targets))
 
 
-def make_input(config, *, seed: int):
+PIXEL_KEYS = ("video", "mask", "alpha", "background")
+# x0 latent -> the pixel clip it encodes; also fixes the order of the per-step sampling keys.
+LATENTS = (("z_background", "background"), ("z_alpha", "alpha"), ("z_video", "video"))
+CACHE_HINT = ("build one with `python launch/cache_latents.py --out DIR --vae /ckpt/omnijax/wan_vae --frames F "
+              "--height H --width W --num N` (docs/training.md)")
+
+
+def pixel_source(config, *, seed: int):
+    """The synthetic composites of config.input: the pixel path's training data and the preview clip."""
     from data.composite import CompositeConfig
-    from data.pipeline import make_pipeline
     from data.synthetic import SyntheticOmnimatte
 
     inp = config.input
@@ -98,28 +111,114 @@ def make_input(config, *, seed: int):
         from data.sources import VideoFolderSource, VideoMatteSource
 
         fg, bg = VideoMatteSource(inp.fg_dir, seed=seed), VideoFolderSource(inp.bg_dir)
-    source = SyntheticOmnimatte(cfg, foregrounds=fg, backgrounds=bg, seed=seed)
+    return SyntheticOmnimatte(cfg, foregrounds=fg, backgrounds=bg, seed=seed)
+
+
+def latent_cache_source(config):
+    """The LatentSource of config.input.latent_cache, checked against the config (clip size, posterior)."""
+    from data.latent_cache import LatentSource
+    from data.pipeline import latent_friendly
+
+    inp = config.input
+    try:
+        source = LatentSource(inp.latent_cache)
+    except FileNotFoundError as e:
+        raise SetupError(f"input.latent_cache: {e}; {CACHE_HINT}") from e
+    if inp.vae_sample and not source.has_logvar:
+        raise SetupError(f"latent cache {inp.latent_cache} holds posterior means only (built with --mean-only or a "
+                         "mean encoder), so no VAE sample can be drawn: rebuild it without --mean-only, or train on "
+                         "the means with --config.input.vae_sample=False")
+    size = tuple(source[0]["mask"].shape)
+    want = latent_friendly(inp.frames, inp.height, inp.width)
+    if size != want:
+        raise SetupError(f"latent cache {inp.latent_cache} holds {size[0]}x{size[1]}x{size[2]} clips (FxHxW) but "
+                         f"config.input asks for {want[0]}x{want[1]}x{want[2]}: set --config.input.frames/height/width "
+                         "to the cache's size (the preview clip is generated at that size)")
+    return source
+
+
+def make_input(config, *, seed: int):
+    """(grain pipeline, cached): cached latents when config.input.latent_cache is set, else pixel composites."""
+    from data.latent_cache import LATENT_KEYS, LOGVAR_KEYS
+    from data.pipeline import make_pipeline
+
+    inp = config.input
     if inp.batch_size % jax.process_count():
         raise SetupError(f"input.batch_size {inp.batch_size} is not divisible by {jax.process_count()} processes")
-    return source, make_pipeline(source, batch_size=inp.batch_size // jax.process_count(), seed=seed,
-                                 keys=("video", "mask", "alpha", "background"), num_threads=inp.num_threads)
+    cached = bool(inp.latent_cache)
+    if cached:
+        source = latent_cache_source(config)
+        keys = LATENT_KEYS + (LOGVAR_KEYS if inp.vae_sample else ()) + ("mask", "first_frame")
+    else:
+        source, keys = pixel_source(config, seed=seed), PIXEL_KEYS
+    return make_pipeline(source, batch_size=inp.batch_size // jax.process_count(), seed=seed, keys=keys,
+                         num_threads=inp.num_threads), cached
 
 
-def make_prepare(vae):
-    """Jitted, frozen: pixel batch -> latents (VAE .sample(), as the reference trains) and the condition y."""
-    from omnijax.omnimatte.alpha import alpha_to_video
-    from omnijax.omnimatte.decompose import jit_module_fn
+def model_inputs(posteriors, mask, key, *, sample: bool):
+    """The one path from a batch's VAE posteriors to the model inputs (pixel and cache paths alike).
+
+    Args:
+      posteriors: {"z_background" | "z_alpha" | "z_video": (normalised mean, logvar or None)}, each [B, T, h, w, 16].
+      mask: [B, F, H, W] object masks in [0, 1].
+      key: this step's data key; the latents draw from split(key, 3) in LATENTS order.
+      sample: x0 = a posterior sample mean + exp(logvar/2)*eps (the reference trains on `.sample()`), else the mean.
+    Returns:
+      dict(x0_alpha, x0_bg [B, T, h, w, 16], y [B, T, h, w, 20]) in f32.
+    """
+    from omnijax.models.wan.vae import sample_posterior
     from omnijax.omnimatte.masks import condition_y, latent_mask, removal_mask
 
-    def prepare(vae, batch, key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        x0_bg = vae.encode(batch["background"] * 2.0 - 1.0, sample_key=k1)
-        x0_alpha = vae.encode(alpha_to_video(batch["alpha"]), sample_key=k2)
-        video_latent = vae.encode(batch["video"] * 2.0 - 1.0, sample_key=k3)
-        removal = jax.vmap(removal_mask)(batch["mask"])  # dilated object mask: remove; rest neutral
-        return dict(x0_alpha=x0_alpha, x0_bg=x0_bg, y=condition_y(latent_mask(removal), video_latent))
+    keys = dict(zip((name for name, _ in LATENTS), jax.random.split(key, len(LATENTS))))
+    z = {name: sample_posterior(mean, logvar, keys[name]) if sample else mean.astype(jnp.float32)
+         for name, (mean, logvar) in posteriors.items()}
+    removal = jax.vmap(removal_mask)(mask)  # dilated object mask: remove; rest neutral
+    return dict(x0_alpha=z["z_alpha"], x0_bg=z["z_background"], y=condition_y(latent_mask(removal), z["z_video"]))
 
-    return jit_module_fn(vae, prepare)
+
+def make_prepare(vae, *, cached: bool, sample: bool):
+    """Jitted, frozen: a (global) batch and a key -> `model_inputs`.
+
+    Pixel batches {video, mask, alpha, background} are VAE-encoded here (`WanVAE.posterior` of the clip, the
+    background and the alpha as a grey video). Cached batches {z_*, logvar_*, mask} already hold the posterior:
+    the VAE is not touched at all.
+    """
+    from omnijax.omnimatte.alpha import alpha_to_video
+    from omnijax.omnimatte.decompose import jit_module_fn
+
+    if cached:
+        from data.latent_cache import LATENT_KEYS, LOGVAR_KEYS
+
+        logvar_of = dict(zip(LATENT_KEYS, LOGVAR_KEYS))
+
+        def from_cache(batch, key):  # the logvars are in the batch only when sampling (see make_input)
+            post = {name: (batch[name], batch.get(logvar_of[name])) for name, _ in LATENTS}
+            return model_inputs(post, batch["mask"], key, sample=sample)
+
+        return jax.jit(from_cache)
+
+    def from_pixels(vae, batch, key):
+        clips = {k: alpha_to_video(batch[k]) if k == "alpha" else batch[k] * 2.0 - 1.0 for _, k in LATENTS}
+        post = {name: vae.posterior(clips[k]) for name, k in LATENTS}
+        return model_inputs(post, batch["mask"], key, sample=sample)
+
+    return jit_module_fn(vae, from_pixels)
+
+
+def host_inputs(pixels_or_cached) -> tuple[dict, np.ndarray]:
+    """Host batch -> (the arrays `make_prepare` reads, first frames uint8 [B, H, W, 3] for CLIP)."""
+    from data.latent_cache import to_uint8
+
+    b = pixels_or_cached
+    if "first_frame" in b:
+        return {k: v for k, v in b.items() if k != "first_frame"}, b["first_frame"]
+    # The cache keeps the CLIP frame as uint8; quantise here too, so both paths see the same image.
+    return {k: b[k] for k in PIXEL_KEYS}, to_uint8(b["video"][:, 0])
+
+
+def to_global(tree, sharding):
+    """Process-local host arrays [B_local, ...] -> global jax.Arrays [B, ...] placed by `sharding`."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def loss_fn(model, batch, rng, *, config):
@@ -153,6 +252,7 @@ def write_preview(path, model, vae, cond, clip_sample, config):
 
 
 def train(config, workdir: str):
+    """Runs (or resumes) the training job of `config` in `workdir`; returns the final train-step state."""
     from data.pipeline import fit_to_latent
     from omnijax import sharding
     from omnijax.omnimatte.branch import EasyOmnimatte
@@ -177,95 +277,103 @@ def train(config, workdir: str):
     mesh = sharding.make_mesh(sizes, devices=devices)
     logging.info("mesh: %s", dict(mesh.shape))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-
-    # ---------------------------------------------------------------- input
-    source, pipeline = make_input(config, seed=config.seed)
-    data_iter = iter(pipeline)
-    val = fit_to_latent(source.__class__(source.cfg, foregrounds=source.fg, backgrounds=source.bg,
-                                         seed=config.seed + 7919)[0])
-
-    # ---------------------------------------------------------------- models and shardings
-    base, vae, cond = build_models(config)
-    expert = expert_config(config, base.config.num_layers)
-    expert.validate_for(base.config.num_layers, base.config.is_i2v)
+    # Everything below runs under the mesh: the activation constraints of the model (omnijax.sharding.constrain)
+    # read it when the step is traced.
     with jax.set_mesh(mesh):
+        # ------------------------------------------------------------ input
+        pipeline, cached = make_input(config, seed=config.seed)
+        data_iter = iter(pipeline)
+        val = fit_to_latent(pixel_source(config, seed=config.seed + 7919)[0])
+        logging.info("input: %s, x0 = VAE posterior %s", f"latent cache {config.input.latent_cache}" if cached
+                     else "pixel composites (VAE-encoded every step)",
+                     "sample" if config.input.vae_sample else "mean")
+
+        # ------------------------------------------------------------ models and shardings
+        base, vae, cond = build_models(config)
+        expert = expert_config(config, base.config.num_layers)
+        expert.validate_for(base.config.num_layers, base.config.is_i2v)
         model = EasyOmnimatte(base, expert, lora_param_dtype=common.DTYPES[config.lora.param_dtype],
                               rngs=nnx.Rngs(config.seed))
         sharding.shard_module(model, config.sharding_rules, mesh, print_fn=logging.info)
+        sharding.shard_module(vae, "replicated", mesh, print_fn=None)  # encodes the sharded batch (pixel path)
         tx, schedule = make_optimizer(config)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
-    n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-    logging.info("expert %s: %d adapted blocks, %d LoRA params (mask %s)", expert.name, len(expert.blocks), n_lora,
-                 expert.mask)
+        n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+        logging.info("expert %s: %d adapted blocks, %d LoRA params (mask %s)", expert.name, len(expert.blocks),
+                     n_lora, expert.mask)
 
-    # ---------------------------------------------------------------- restore
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpt)
-    rng = jax.random.key(config.seed)
-    first_step = 0
-    restored = ckpt.restore(model, optimizer)
-    if restored is not None:
-        first_step, rng = restored.step, restored.rng
-        data_iter.set_state(restored.data_state)
-        logging.info("resumed from step %d", first_step)
+        # ------------------------------------------------------------ restore
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpt)
+        rng = jax.random.key(config.seed)
+        first_step = 0
+        restored = ckpt.restore(model, optimizer)
+        if restored is not None:
+            first_step, rng = restored.step, restored.rng
+            data_iter.set_state(restored.data_state)
+            logging.info("resumed from step %d", first_step)
 
-    # ---------------------------------------------------------------- compiled step
-    prepare = make_prepare(vae)
-    context = jnp.asarray(np.stack(cond.text([""]) * config.input.batch_size))  # the paper trains without text
+        # ------------------------------------------------------------ compiled step
+        prepare = make_prepare(vae, cached=cached, sample=config.input.vae_sample)
+        local_batch = config.input.batch_size // jax.process_count()
+        # The paper trains without text: every example gets the empty prompt's embedding.
+        context = to_global(np.stack(cond.text([""]) * local_batch), batch_sharding)
 
-    def next_batch(step):
-        pixels = next(data_iter)
-        key = jax.random.fold_in(jax.random.fold_in(rng, step), 1)
-        batch = prepare({k: jnp.asarray(pixels[k]) for k in ("video", "mask", "alpha", "background")}, key)
-        batch["context"] = context
-        batch["clip"] = jnp.asarray(cond.image(pixels["video"][:, 0] * 2.0 - 1.0))
-        return jax.device_put(batch, batch_sharding)
+        def next_batch(step):
+            arrays, first_frames = host_inputs(next(data_iter))
+            key = jax.random.fold_in(jax.random.fold_in(rng, step), 1)
+            batch = prepare(to_global(arrays, batch_sharding), key)
+            batch["context"] = context
+            clip = cond.image(first_frames.astype(np.float32) / 127.5 - 1.0)
+            batch["clip"] = to_global(clip, batch_sharding)
+            return batch
 
-    step_fn, state = make_train_step(model, optimizer, functools.partial(loss_fn, config=config))
-    batch = next_batch(first_step)
-    compiled = step_fn.compile(state, batch, jax.random.fold_in(rng, first_step))
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        logging.info("compiled step: temp %.2f GB, arguments %.2f GB", getattr(mem, "temp_size_in_bytes", 0) / 2**30,
-                     getattr(mem, "argument_size_in_bytes", 0) / 2**30)
+        step_fn, state = make_train_step(model, optimizer, functools.partial(loss_fn, config=config))
+        batch = next_batch(first_step)
+        compiled = step_fn.compile(state, batch, jax.random.fold_in(rng, first_step))
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            logging.info("compiled step: temp %.2f GB, arguments %.2f GB",
+                         getattr(mem, "temp_size_in_bytes", 0) / 2**30,
+                         getattr(mem, "argument_size_in_bytes", 0) / 2**30)
 
-    # ---------------------------------------------------------------- loop
-    chrono = Chrono(config.total_steps, examples_per_step=config.input.batch_size, first_step=first_step)
-    guard = NonFiniteGuard(config.loss.nonfinite_patience)
-    os.makedirs(os.path.join(workdir, "previews"), exist_ok=True)
-    with MetricWriter(workdir) as writer:
-        for step in range(first_step + 1, config.total_steps + 1):
-            if step > first_step + 1:
-                batch = next_batch(step - 1)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
-            chrono.tick(step)
-            try:
-                guard(step, metrics)
-            except FloatingPointError as e:
-                ckpt.wait()
-                raise SystemExit(f"stopping: {e}. The last good checkpoint is step {ckpt.latest_step()} in "
-                                 f"{ckpt.directory}; lower config.lr or check the data.") from e
-            if step % config.log_steps == 0 or step == config.total_steps:
-                m = {k: float(v) for k, v in metrics.items()}
-                m.update(lr=float(schedule(step - 1)), **chrono.metrics())
-                writer.write(step, m)
-                logging.info("step %d/%d loss %.5f grad_norm %.4f %s", step, config.total_steps, m["loss"],
-                             m["grad_norm"], chrono.summary())
-            if step % config.ckpt_steps == 0 or step == config.total_steps:
-                model, optimizer = step_fn.merge(state)
-                with chrono.paused():
-                    ckpt.save(step, model, optimizer, rng=rng, data_state=data_iter.get_state(),
-                              extra=dict(expert=expert.to_dict()))
-            if step % config.evals.preview_steps == 0:
-                model, _ = step_fn.merge(state)
-                with chrono.paused():
-                    write_preview(os.path.join(workdir, "previews", f"step_{step:07d}.png"), model, vae, cond, val,
-                                  config)
-    ckpt.close()
+        # ------------------------------------------------------------ loop
+        chrono = Chrono(config.total_steps, examples_per_step=config.input.batch_size, first_step=first_step)
+        guard = NonFiniteGuard(config.loss.nonfinite_patience)
+        os.makedirs(os.path.join(workdir, "previews"), exist_ok=True)
+        with MetricWriter(workdir) as writer:
+            for step in range(first_step + 1, config.total_steps + 1):
+                if step > first_step + 1:
+                    batch = next_batch(step - 1)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+                chrono.tick(step)
+                try:
+                    guard(step, metrics)
+                except FloatingPointError as e:
+                    ckpt.wait()
+                    raise SystemExit(f"stopping: {e}. The last good checkpoint is step {ckpt.latest_step()} in "
+                                     f"{ckpt.directory}; lower config.lr or check the data.") from e
+                if step % config.log_steps == 0 or step == config.total_steps:
+                    m = {k: float(v) for k, v in metrics.items()}
+                    m.update(lr=float(schedule(step - 1)), **chrono.metrics())
+                    writer.write(step, m)
+                    logging.info("step %d/%d loss %.5f grad_norm %.4f %s", step, config.total_steps, m["loss"],
+                                 m["grad_norm"], chrono.summary())
+                if step % config.ckpt_steps == 0 or step == config.total_steps:
+                    model, optimizer = step_fn.merge(state)
+                    with chrono.paused():
+                        ckpt.save(step, model, optimizer, rng=rng, data_state=data_iter.get_state(),
+                                  extra=dict(expert=expert.to_dict()))
+                if step % config.evals.preview_steps == 0:
+                    model, _ = step_fn.merge(state)
+                    with chrono.paused():
+                        write_preview(os.path.join(workdir, "previews", f"step_{step:07d}.png"), model, vae, cond,
+                                      val, config)
+        ckpt.close()
 
-    # ---------------------------------------------------------------- export
-    model, _ = step_fn.merge(state)
-    for fmt in config.evals.export_formats:
-        save_lora(os.path.join(workdir, f"lora_{expert.name}_{fmt}.safetensors"), model, fmt=fmt)
+        # ------------------------------------------------------------ export
+        model, _ = step_fn.merge(state)
+        for fmt in config.evals.export_formats:
+            save_lora(os.path.join(workdir, f"lora_{expert.name}_{fmt}.safetensors"), model, fmt=fmt)
     logging.info("done: %s", workdir)
     return state
 

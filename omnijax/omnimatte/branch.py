@@ -11,6 +11,11 @@ through the structured masks of omnijax.layers.branch_attention (never a 2L x 2L
 The two sets travel as separate [B, L, D] arrays, not one 2L sequence: the background stream then needs no
 backward pass at all (under masks B and C it depends on nothing trainable and is put under stop_gradient),
 and a Quality Expert training step (mask C) runs the alpha set alone.
+
+Sharding: each residual stream is constrained to ("batch", "tokens", "embed") after the embedding and at every
+block's output (omnijax.sharding.constrain: batch over data x fsdp, tokens over context). With a context axis
+> 1 XLA then keeps the whole block (norms, projections, FFN, not only attention) split over tokens; without a
+mesh the constraint is a no-op.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from omnijax.layers.branch_attention import branch_attention
 from omnijax.layers.lora import LoRA
 from omnijax.models.wan.dit import WanDiT
 from omnijax.omnimatte.experts import ExpertConfig
+from omnijax.sharding import constrain
+
+
+def _residual(x):
+    """Pins a residual stream [B, L, D] to batch x tokens (None passes through)."""
+    return None if x is None else constrain(x, "batch", "tokens", "embed")
 
 
 def _target_dims(cfg, target: str) -> tuple[int, int]:
@@ -75,7 +86,7 @@ def branch_block(blk, lora, x_b, x_a, e0, text, image, rope, *, mask: str, backe
     x_a = blk.finish(x_a, blk.self_attn.project(o_a, sa), mod, text, image, backend=cross_backend, lora=lora)
     if x_b is not None:
         x_b = blk.finish(x_b, blk.self_attn.project(o_b), mod, text, image, backend=cross_backend)
-    return x_b, x_a
+    return _residual(x_b), _residual(x_a)
 
 
 class EasyOmnimatte(nnx.Module):
@@ -120,6 +131,7 @@ class EasyOmnimatte(nnx.Module):
             raise ValueError(f"background latent {z_bg.shape} and alpha latent {z_alpha.shape} differ in shape")
         x_a, rope, grid = base.embed(z_alpha, y)
         x_b = None if skip_bg else base.embed(z_bg, y)[0]  # same grid, so the RoPE positions are the same
+        x_a, x_b = _residual(x_a), _residual(x_b)
         e, e0, text, image = base.condition(timesteps, context, clip_features)
         # Under masks B and C nothing trainable reaches the background set.
         freeze_bg = train and mask in ("B", "C")

@@ -309,6 +309,15 @@ class WanVAE(nnx.Module):
         mu, logvar = jnp.split(out.astype(F32), 2, axis=-1)
         return mu, jnp.clip(logvar, -30.0, 20.0)
 
+    def posterior(self, video, *, mode: str = "auto", tile="auto", frames_per_step: int = 1, pad: bool = False):
+        """Video -> (NORMALISED posterior mean, un-normalised logvar), each [B, T, h, w, Z] f32.
+
+        What a latent cache stores so that training can still draw `sample_posterior` per step.
+        Args: see `moments`.
+        """
+        mu, logvar = self.moments(video, mode=mode, tile=tile, frames_per_step=frames_per_step, pad=pad)
+        return self._normalize(mu), logvar
+
     def encode(self, video, *, sample_key=None, mode: str = "auto", tile="auto", frames_per_step: int = 1,
                pad: bool = False):
         """Video -> NORMALISED latents.
@@ -316,16 +325,13 @@ class WanVAE(nnx.Module):
         Args:
           video: [B, F, H, W, 3] in [-1, 1], F = 4k+1, H and W multiples of 8 (or pad=True).
           sample_key: None for the posterior mean (inference); a PRNG key to sample mean + exp(logvar/2)*eps with
-            the un-normalised std (the reference's training quirk).
+            the un-normalised std (the reference's training quirk, see `sample_posterior`).
           mode, tile, frames_per_step, pad: see `moments`.
         Returns:
           [B, (F-1)/4 + 1, H/8, W/8, Z] f32.
         """
-        mu, logvar = self.moments(video, mode=mode, tile=tile, frames_per_step=frames_per_step, pad=pad)
-        z = self._normalize(mu)
-        if sample_key is not None:
-            z = z + jnp.exp(0.5 * logvar) * jax.random.normal(sample_key, z.shape, F32)
-        return z
+        mean, logvar = self.posterior(video, mode=mode, tile=tile, frames_per_step=frames_per_step, pad=pad)
+        return mean if sample_key is None else sample_posterior(mean, logvar, sample_key)
 
     # ---- decoder ----
     def _decode_chunk(self, z, cache):
@@ -353,6 +359,15 @@ class WanVAE(nnx.Module):
         spec = _resolve_tile(tile, lh * lw * sf * sf)
         out = tiled_apply(run, z, spec, scale_in=1, scale_out=sf) if spec is not None else run(z)
         return jnp.clip(out.astype(F32), -1.0, 1.0)
+
+
+def sample_posterior(mean, logvar, key):
+    """One draw of the training latent: normalised mean + exp(logvar/2)*eps, f32.
+
+    The std is the UN-normalised one (not divided by the per-channel latent std): the reference's `.sample()`
+    adds it to the normalised mean, and the base model was trained on latents carrying that quirk (spec §5.4).
+    """
+    return mean.astype(F32) + jnp.exp(0.5 * logvar.astype(F32)) * jax.random.normal(key, mean.shape, F32)
 
 
 def _resolve_mode(mode: str, pixels: int, frames_per_step: int) -> bool:
