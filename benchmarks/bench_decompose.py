@@ -70,11 +70,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--budget-s", type=float, default=520.0, help="start no new case after this many seconds")
+    ap.add_argument("--cases", default="", help="steps:frames list, e.g. 2:81,4:81 (default: all four)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     dec, build_s = build(args.small)
     h, w = (64, 64) if args.small else (480, 832)
     cases = [(2, 81), (4, 81), (4, 197), (50, 81)] if not args.small else [(2, 9), (4, 9), (4, 93), (50, 9)]
+    if args.cases:
+        cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
     res = dict(date=str(datetime.date.today()), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
                size=[h, w], build_models_s=round(build_s, 1), cases=[])
     for steps, frames in cases:

@@ -35,7 +35,7 @@ def _shapes(small: bool, res: str):
     return (1, f, h, w, 3), (1, (f - 1) // 4 + 1, h // 8, w // 8, 16)
 
 
-def run_jax_case(what: str, res: str, small: bool, reps: int) -> dict:
+def run_jax_case(what: str, res: str, small: bool, reps: int, *, mode: str = "stream", fps: int = 1) -> dict:
     if small:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -63,10 +63,10 @@ def run_jax_case(what: str, res: str, small: bool, reps: int) -> dict:
     tile = None if res == "480p" else (TileSpec(tile=6, overlap=2) if small else TileSpec())
     if what == "encode":
         x = jnp.asarray(rng.uniform(-1, 1, video_shape), jnp.bfloat16)
-        fn = lambda s, x: nnx.merge(graphdef, s).encode(x, mode="stream", tile=tile)
+        fn = lambda s, x: nnx.merge(graphdef, s).encode(x, mode=mode, tile=tile, frames_per_step=fps)
     else:
         x = jnp.asarray(rng.standard_normal(latent_shape), jnp.float32)
-        fn = lambda s, x: nnx.merge(graphdef, s).decode(x, mode="stream", tile=tile)
+        fn = lambda s, x: nnx.merge(graphdef, s).decode(x, mode=mode, tile=tile, frames_per_step=fps)
     # On the CPU dry run, XLA's cheapest optimisation level compiles ~3x faster (the numbers mean nothing there).
     opts = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} if small else None
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def run_jax_case(what: str, res: str, small: bool, reps: int) -> dict:
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    return dict(time_s=statistics.median(times), times_s=times, compile_s=compile_s,
+    return dict(time_s=statistics.median(times), times_s=times, compile_s=compile_s, mode=mode, frames_per_step=fps,
                 peak_gb=None if peak is None else peak / 1e9, out_shape=list(out.shape),
                 finite=bool(jnp.isfinite(out).all()), tile=None if tile is None else vars(tile),
                 params_gb=sum(v.nbytes for v in jax.tree.leaves(state)) / 1e9, device=str(jax.devices()[0]))
@@ -139,12 +139,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny model and sizes on CPU (dry run)")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one JAX case in this process
+    # One JAX case in this process: what:res[:mode[:frames_per_step]], e.g. decode:480p:stream:2 or decode:480p:whole.
+    ap.add_argument("--case")
     ap.add_argument("--skip-torch", action="store_true")
     args = ap.parse_args()
     if args.case:
-        what, res = args.case.split(":")
-        print("RESULT " + json.dumps(run_jax_case(what, res, args.small, args.reps)))
+        what, res, *variant = args.case.split(":")  # what:res[:mode[:frames_per_step]]
+        mode, fps = (variant + ["stream", "1"][len(variant):])[:2]
+        print("RESULT " + json.dumps(run_jax_case(what, res, args.small, args.reps, mode=mode, fps=int(fps))))
         return
     start = time.time()
     deadline = start + (BUDGET_S if not args.small else 1800)  # --small on a shared CPU is compile-bound

@@ -69,9 +69,13 @@ class Decomposer:
       effect, quality: EasyOmnimatte experts (omnijax.omnimatte.branch) over the same base WanDiT.
       vae: WanVAE. conditioner: omnijax.conditioning.Conditioner (umT5 + CLIP through the embedding cache).
       attention_backend: for the DiT ("auto": cuDNN on GPU).
+      encode_frames_per_step, decode_frames_per_step: latent frames per step of the streamed VAE (more is faster
+        and holds more memory; at 81x480x832 on an H100 decode takes 0.99 / 0.94 / 0.91 s at 1 / 2 / 4 frames per
+        step with peaks 4.8 / 7.3 / 11.0 GB, docs/benchmarks.md).
     """
 
-    def __init__(self, effect, quality, vae, conditioner, *, attention_backend: str = "auto"):
+    def __init__(self, effect, quality, vae, conditioner, *, attention_backend: str = "auto",
+                 encode_frames_per_step: int = 2, decode_frames_per_step: int = 4):
         self.vae, self.conditioner = vae, conditioner
         pair = ExpertPair(effect, quality)
         self._graphdef, self._state = nnx.split(pair)
@@ -87,8 +91,8 @@ class Decomposer:
             return velocity
 
         self._sample = make_sampler(expert("effect"), expert("quality"))
-        self._encode = jit_module_fn(vae, lambda m, v: m.encode(v))
-        self._decode = jit_module_fn(vae, lambda m, z: m.decode(z))
+        self._encode = jit_module_fn(vae, lambda m, v: m.encode(v, frames_per_step=encode_frames_per_step))
+        self._decode = jit_module_fn(vae, lambda m, z: m.decode(z, frames_per_step=decode_frames_per_step))
 
     def condition(self, video, first_frame_prompt: str = ""):
         """Text context [1, L, D] (empty prompt by default) and CLIP features [1, 257, D] of frame 0."""
