@@ -73,7 +73,7 @@ def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = 
         if q_b is None:  # only the alpha set: plain full attention of X_A
             return None, _splash_full(q_a, k_a, v_a, interpret=splash_interpret)
         return _splash_branch(q_b, k_b_seen, v_b_seen, q_a, k_a, v_a, mask=mask, interpret=splash_interpret)
-    attn = functools.partial(attention, backend=impl)
+    attn = _attention_on_mesh(impl)
     if mask == "C":
         o_b = None if q_b is None else attn(q_b, k_b, v_b)
         return o_b, attn(q_a, k_a, v_a)
@@ -85,6 +85,17 @@ def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = 
     cat = lambda a, b: jnp.concatenate([a, b], axis=1)
     out = attn(cat(q_b, q_a), cat(k_b, k_a), cat(v_b, v_a))
     return out[:, :q_b.shape[1]], out[:, q_b.shape[1]:]
+
+
+def _attention_on_mesh(impl: str):
+    """Plain fused attention, or context-parallel attention when the mesh set by jax.set_mesh has a "context" axis
+    of size > 1 (the residual streams are then split over tokens; see omnijax.omnimatte.branch)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("context", 1) > 1:
+        from omnijax.parallel.context import context_attention
+
+        return functools.partial(context_attention, mesh=mesh, backend=impl)
+    return functools.partial(attention, backend=impl)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -94,8 +94,9 @@ def context_attention(q, k, v, *, mesh: Mesh, method: str = "auto", axis: str = 
     """Self-attention with the token axis split over `axis`.
 
     Args:
-      q, k, v: [B, L, N, K] global arrays (L the same for all three: self-attention).
-      mesh: the device mesh; `axis` of size c splits L.
+      q: [B, L, N, K], k, v: [B, S, N, K] global arrays (S = L for self-attention; the branch model's type-B
+        alpha queries see S = 2L keys).
+      mesh: the device mesh (or the abstract mesh set by jax.set_mesh); `axis` of size c splits L and S.
       method: "ulysses", "ring", or "auto" (ulysses when the local heads divide by c, else ring).
       batch_axes: mesh axes the batch is split over (those not dividing B are left out).
       head_axis: mesh axis the heads are split over when its size is > 1 (tensor parallelism).
@@ -106,15 +107,16 @@ def context_attention(q, k, v, *, mesh: Mesh, method: str = "auto", axis: str = 
     """
     if method not in METHODS:
         raise ContextParallelError(f"unknown context-parallel method {method!r}; choose one of {METHODS}")
-    if not (q.shape == k.shape and k.shape[:3] == v.shape[:3]):
-        raise ContextParallelError(f"context-parallel attention is self-attention: q {q.shape}, k {k.shape}, "
-                                   f"v {v.shape} must share [B, L, N]")
+    if not (q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:] and k.shape[:3] == v.shape[:3]):
+        raise ContextParallelError(f"context-parallel attention: q {q.shape}, k {k.shape}, v {v.shape} must share "
+                                   f"B, N and K, and k/v their length S")
     b, seq, heads, _ = q.shape
     c = mesh.shape[axis]
     if c == 1:
         return attention(q, k, v, backend=backend, scale=scale)
-    if seq % c:
-        raise ContextParallelError(f"sequence length {seq} does not divide by the {axis!r} axis size {c}")
+    for name, n in (("query", seq), ("key", k.shape[1])):
+        if n % c:
+            raise ContextParallelError(f"{name} length {n} does not divide by the {axis!r} axis size {c}")
     hax = head_axis if head_axis is not None and mesh.shape.get(head_axis, 1) > 1 else None
     local_heads = heads // (mesh.shape[hax] if hax else 1)
     if hax and heads % mesh.shape[hax]:

@@ -58,6 +58,26 @@ def test_context_sharded_step_equals_single_device(setup):
         assert rel_err(grads8[k], grads1[k]) <= 1e-5, k
 
 
+def test_branch_self_attention_runs_context_parallel(setup, monkeypatch):
+    """Under a mesh with a context axis each block's self-attention calls go through omnijax.parallel.context
+    (Ulysses or ring over the token shards) instead of leaving XLA to gather all keys."""
+    from omnijax.parallel import context as cp
+
+    model, d, target = setup
+    calls = []
+    real = cp.context_attention
+    monkeypatch.setattr(cp, "context_attention", lambda q, k, v, **kw: calls.append((q.shape, k.shape)) or
+                        real(q, k, v, **kw))
+    _loss_and_lora_grads(model, d, target)
+    assert calls == []  # no mesh: plain attention
+    mesh = S.make_mesh(MESH)
+    with jax.set_mesh(mesh):
+        S.shard_module(model, "fsdp", mesh, print_fn=None)
+        _loss_and_lora_grads(model, S.host_to_global(d, mesh), S.host_to_global(target, mesh))
+    # Mask B, 2 blocks: bg over bg (16 keys) and alpha over [bg; alpha] (32 keys) in each block.
+    assert sorted(calls) == sorted([((2, 16, 2, 32), (2, 16, 2, 32)), ((2, 16, 2, 32), (2, 32, 2, 32))] * 2), calls
+
+
 def test_blocks_are_split_over_tokens(setup):
     model, d, _ = setup
     base = model.base

@@ -38,9 +38,11 @@ def _dense_attention(q, k, v):
     ("ring", {"context": 8}, 3),
     ("ulysses", {"context": 2, "tensor": 2, "fsdp": 2}, 4),  # heads over tensor, then over context
 ])
-def test_context_attention_matches_dense(method, mesh_cfg, heads):
+@pytest.mark.parametrize("keys", [48, 96])  # S = L, and S = 2L (the branch model's type-B alpha queries)
+def test_context_attention_matches_dense(method, mesh_cfg, heads, keys):
     mesh = S.make_mesh(mesh_cfg)
-    q, k, v = _qkv((2, 48, heads, 16))
+    q = _qkv((2, 48, heads, 16))[0]
+    _, k, v = _qkv((2, keys, heads, 16), seed=3)
     out = jax.jit(lambda q, k, v: context_attention(q, k, v, mesh=mesh, method=method))(q, k, v)
     assert out.shape == q.shape
     assert rel_err(np.asarray(out), _dense_attention(q, k, v)) <= 1e-5
@@ -65,13 +67,15 @@ def test_context_attention_gradients(method):
 def test_context_attention_errors():
     mesh = S.make_mesh({"data": 2, "context": 4})
     q, k, v = _qkv((2, 30, 2, 8))
-    with pytest.raises(ContextParallelError, match="sequence length 30 does not divide"):
+    with pytest.raises(ContextParallelError, match="query length 30 does not divide"):
         context_attention(q, k, v, mesh=mesh)
     q, k, v = _qkv((2, 32, 2, 8))
     with pytest.raises(ContextParallelError, match="ulysses needs the 2 local heads"):
         context_attention(q, k, v, mesh=mesh, method="ulysses")
-    with pytest.raises(ContextParallelError, match="self-attention"):
-        context_attention(q, k[:, :16], v[:, :16], mesh=mesh)
+    with pytest.raises(ContextParallelError, match="key length 18 does not divide"):
+        context_attention(q, k[:, :18], v[:, :18], mesh=mesh)
+    with pytest.raises(ContextParallelError, match="must share B, N and K"):
+        context_attention(q, k[:, :, :1], v[:, :, :1], mesh=mesh)
 
 
 @pytest.mark.parametrize("method, num_heads", [("ring", 2), ("ulysses", 4)])
