@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from data.composite import CompositeConfig  # noqa: E402
+from launch import common  # noqa: E402  (sets XLA flags first)
 from data.pipeline import latent_friendly, make_pipeline  # noqa: E402
 from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
 from data.synthetic import SyntheticOmnimatte  # noqa: E402
@@ -47,8 +48,8 @@ def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="random model variant: tiny, 1.3b, 14b (the -inp form is used)")
     p.add_argument("--layers", type=int, default=None, help="override the number of blocks (random models)")
-    p.add_argument("--checkpoint", default=None, help="real DiT weights (converters.load_wan_dit)")
-    p.add_argument("--vae", default=None, help="Wan VAE weights (converters.load_wan_vae); default: a stand-in "
+    p.add_argument("--checkpoint", default=None, help="DiT weights: a converted omnijax folder or the PyTorch files")
+    p.add_argument("--vae", default=None, help="Wan VAE: a converted omnijax folder or the .pth; default: a stand-in "
                                                 "pooling encoder, meaningful for random-model smoke runs only")
     p.add_argument("--samples", type=int, default=8, help="synthetic videos to analyse (the paper: 1000)")
     p.add_argument("--frames", type=int, default=9, help="4k+1 pixel frames per sample")
@@ -72,9 +73,7 @@ def _args(argv=None):
 def _model(args):
     dtype = jnp.dtype(args.dtype)
     if args.checkpoint:
-        from converters import load_wan_dit
-
-        _, model = load_wan_dit(args.checkpoint, dtype=dtype, param_dtype=dtype)
+        _, model = common.load_model("wan_dit", args.checkpoint, dtype)
         _check_blocks(model.config.num_layers, args.checkpoint)
         return model
     name = args.model if args.model.endswith(("-inp", "-i2v")) else f"{args.model}-inp"
@@ -91,10 +90,11 @@ def _check_blocks(n, what):
 def _encoder(args):
     if not args.vae:
         return analysis.pool_encoder(seed=args.seed)
-    from converters import load_wan_vae
+    from omnijax.omnimatte.decompose import jit_module_fn
 
-    _, vae = load_wan_vae(args.vae)
-    return lambda video: vae.encode(video[None])[0]
+    _, vae = common.load_model("wan_vae", args.vae, jnp.dtype(args.dtype))
+    encode = jit_module_fn(vae, lambda m, video: m.encode(video[None])[0])  # one compile per clip shape
+    return lambda video: encode(jnp.asarray(video, jnp.float32))
 
 
 class InputError(ValueError):

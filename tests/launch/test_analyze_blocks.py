@@ -96,3 +96,36 @@ def test_worker_processes_give_the_same_samples():
     for a, b in zip(inline, spawned):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_converted_checkpoints_and_the_vae_encoder(tmp_path, monkeypatch):
+    """--checkpoint and --vae take converted omnijax folders; the VAE's latents reach the analysis."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omnijax.checkpoint import save_pretrained
+    from omnijax.models.wan import WanDiT, variant
+    from omnijax.models.wan.vae import WanVAE, vae_variant
+
+    dit = save_pretrained(str(tmp_path / "dit"), WanDiT(variant("tiny-inp", num_layers=3), rngs=nnx.Rngs(0)), "wan_dit")
+    vae_model = WanVAE(vae_variant("tiny"), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    vae = save_pretrained(str(tmp_path / "vae"), vae_model, "wan_vae")
+    latents = []
+    real = analysis.analyze
+
+    def recording(base, samples, encoder, *args, **kwargs):
+        def spy(video):
+            z = encoder(video)
+            latents.append((np.asarray(video), np.asarray(z)))
+            return z
+        return real(base, samples, spy, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "analyze", recording)
+    out = tmp_path / "analysis"
+    assert analyze_blocks.main(["--checkpoint", dit, "--vae", vae, "--samples", "1", "--frames", "5", "--size",
+                                "32x48", "--out", str(out)]) == 0
+    rep = json.loads((out / "block_analysis.json").read_text())
+    assert rep["encoder"] == "vae" and len(rep["contribution"]) == 3
+    video, z = latents[0]
+    want = vae_model.encode(jnp.asarray(video)[None])[0]  # the saved model itself, eagerly
+    np.testing.assert_allclose(z, np.asarray(want), rtol=1e-4, atol=1e-5)
