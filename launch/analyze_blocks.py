@@ -34,10 +34,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from data.composite import CompositeConfig  # noqa: E402
-from launch import common  # noqa: E402  (sets XLA flags first)
 from data.pipeline import latent_friendly, make_pipeline  # noqa: E402
 from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
 from data.synthetic import SyntheticOmnimatte  # noqa: E402
+from launch import common  # noqa: E402  (sets XLA flags first)
 from omnijax.io.video import VideoError  # noqa: E402
 from omnijax.models.wan.dit import WanDiT  # noqa: E402
 from omnijax.models.wan.variants import variant  # noqa: E402
