@@ -15,7 +15,6 @@ Backward counts what the LoRA-only gradient needs: alpha-stream dX of the frozen
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import emit  # noqa: E402
 from omnijax.layers.branch_attention import branch_attention  # noqa: E402
 from omnijax.models.wan.dit import WanDiT  # noqa: E402
 from omnijax.models.wan.variants import variant  # noqa: E402
@@ -258,14 +258,7 @@ def main():
         res["attention_type_b"] = bench_attention(att_sizes, cfg.num_heads, cfg.head_dim, backend, a.repeats,
                                                   jnp.bfloat16 if backend == "cudnn" else jnp.float32)
     res["total_s"] = time.perf_counter() - t0
-    text = json.dumps(res, indent=1, default=float)
-    print(text)
-    if os.environ.get("OUT"):
-        os.makedirs(os.environ["OUT"], exist_ok=True)
-        path = os.path.join(os.environ["OUT"], "bench_experts.json")
-        with open(path + ".tmp", "w") as fh:
-            fh.write(text)
-        os.replace(path + ".tmp", path)
+    emit("bench_experts", res)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.common import emit  # noqa: E402
+
 SIZES = {"480p": (81, 480, 832), "720p": (81, 720, 1280)}
 SMALL_SIZES = {"480p": (9, 32, 48), "720p": (9, 64, 96)}
 CASES = [("encode", "480p"), ("decode", "480p"), ("encode", "720p"), ("decode", "720p")]
@@ -171,13 +175,7 @@ def main():
             if "time_s" in j and "time_s" in t:
                 out.setdefault("speedup_vs_torch", {})[name] = t["time_s"] / j["time_s"]
     out["wall_s"] = time.time() - start
-    text = json.dumps(out, indent=1)
-    print(text)
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "vae.json")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    emit("vae", out)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,13 @@ def wan_forward_flops(n_tokens: int, dim: int, ffn: int, layers: int, ctx_tokens
 
 
 def emit(name: str, result: dict):
-    print(json.dumps(result, indent=1))
+    """Prints the result as JSON and, when $OUT is set, writes it atomically to $OUT/<name>.json."""
+    text = json.dumps(result, indent=1, default=float)
+    print(text)
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, f"{name}.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, f"{name}.json")
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
