@@ -6,15 +6,7 @@ import numpy as np
 import pytest
 
 from omnijax.layers.attention import AttentionBackendError, attention, padded_attention, resolve_backend
-
-
-def _numpy_attention(q, k, v):
-    """Closed-form softmax(q k^T / sqrt(K)) v in float64, [B, L, N, K] layout."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    logits = np.einsum("blnk,bsnk->bnls", q, k) / np.sqrt(q.shape[-1])
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    return np.einsum("bnls,bsnk->blnk", w, v)
+from tests.attention_ref import dense_attention
 
 
 def _qkv(lq, lk, seed=0):
@@ -28,7 +20,7 @@ def test_padded_attention_matches_closed_form(lq, lk):
     q, k, v = _qkv(lq, lk)
     out = padded_attention(q, k, v, implementation="xla")
     assert out.shape == q.shape
-    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(out), dense_attention(q, k, v), atol=2e-6)
 
 
 def test_padded_attention_gradients_match_unpadded():
@@ -45,7 +37,7 @@ def test_padded_attention_gradients_match_unpadded():
 
 def test_attention_on_cpu_uses_xla_and_refuses_cudnn():
     q, k, v = _qkv(6, 5)
-    np.testing.assert_allclose(np.asarray(attention(q, k, v)), _numpy_attention(q, k, v), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(attention(q, k, v)), dense_attention(q, k, v), atol=2e-6)
     assert resolve_backend("auto", jnp.bfloat16) == "xla"
     with pytest.raises(AttentionBackendError, match="needs a GPU"):
         attention(q, k, v, backend="cudnn")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from omnijax.layers.branch_attention import branch_attention, dense_branch_mask
+from tests.attention_ref import dense_attention
 from tests.torch_refs import rel_err
 
 
@@ -18,11 +19,7 @@ def _dense_reference(qb, kb, vb, qa, ka, va, mask):
     """Softmax over the full [2L, 2L] logits with the mask as -inf, in float64 numpy."""
     q, k, v = (np.concatenate([np.asarray(a, np.float64), np.asarray(c, np.float64)], 1)
                for a, c in ((qb, qa), (kb, ka), (vb, va)))
-    logits = np.einsum("blnk,bsnk->bnls", q, k) / np.sqrt(q.shape[-1])
-    logits = np.where(dense_branch_mask(qb.shape[1], mask)[None, None], logits, -np.inf)
-    w = np.exp(logits - logits.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    out = np.einsum("bnls,bsnk->blnk", w, v)
+    out = dense_attention(q, k, v, dense_branch_mask(qb.shape[1], mask))
     return out[:, :qb.shape[1]], out[:, qb.shape[1]:]
 
 

@@ -11,6 +11,7 @@ from omnijax.layers.attention import attention
 from omnijax.models.wan.dit import WanDiT
 from omnijax.models.wan.variants import variant
 from omnijax.parallel.context import ContextParallelError, context_attention, context_attention_fn
+from tests.attention_ref import dense_attention
 
 
 def rel_err(a, b) -> float:
@@ -21,15 +22,6 @@ def rel_err(a, b) -> float:
 def _qkv(shape, seed=0):
     rng = np.random.default_rng(seed)
     return tuple(rng.standard_normal(shape, np.float32) for _ in range(3))
-
-
-def _dense_attention(q, k, v):
-    """Brute-force softmax attention in float64 numpy: the independent reference."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    s = np.einsum("blnk,bsnk->bnls", q, k) / np.sqrt(q.shape[-1])
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnls,bsnk->blnk", p, v)
 
 
 @pytest.mark.parametrize("method, mesh_cfg, heads", [
@@ -45,7 +37,7 @@ def test_context_attention_matches_dense(method, mesh_cfg, heads, keys):
     _, k, v = _qkv((2, keys, heads, 16), seed=3)
     out = jax.jit(lambda q, k, v: context_attention(q, k, v, mesh=mesh, method=method))(q, k, v)
     assert out.shape == q.shape
-    assert rel_err(np.asarray(out), _dense_attention(q, k, v)) <= 1e-5
+    assert rel_err(np.asarray(out), dense_attention(q, k, v)) <= 1e-5
 
 
 @pytest.mark.parametrize("method", ["ulysses", "ring"])
