@@ -3,6 +3,7 @@
 `key_value_seq_lengths`) is faster than the odd length.
 
   python benchmarks/bench_attention.py             # GPU, about a minute
+  python benchmarks/bench_attention.py --variants  # GPU: exact formulations of the 32,760-token forward, timed
 Prints one JSON object and writes it to $OUT/bench_attention.json when $OUT is set.
 """
 
@@ -74,7 +75,43 @@ def padded_vs_plain(n, pad_to=128):
     return out
 
 
+def forward_variants(n=32760, up=32768):
+    """Exact reformulations of the n-token self-attention forward (inference), each checked against the plain call.
+
+    cuDNN picks a slower path when the length is not a multiple of 128 (shared/gpu/NOTES.md: 12.1 ms at 32,760
+    vs 10.5 ms at 32,768). Padding only the queries leaves the keys, and so every softmax, unchanged: the extra
+    query rows are computed and dropped. Splitting the queries into a 128-multiple part and a remainder is exact
+    for the same reason. Timings of the inexact all-padded-unmasked call locate the slow path (query or key side).
+    """
+    q, k, v = _qkv(n, n)
+    padq = lambda a, m: jnp.pad(a, ((0, 0), (0, m - a.shape[1]), (0, 0), (0, 0)))
+    cut = (n // 128) * 128
+    variants = {
+        "plain": lambda q, k, v: _attn(q, k, v),
+        "pad_queries": lambda q, k, v: _attn(padq(q, up), k, v)[:, :n],
+        "split_queries_128": lambda q, k, v: jnp.concatenate(
+            [_attn(q[:, :cut], k, v), _attn(padq(q[:, cut:], 128), k, v)[:, :n - cut]], axis=1),
+        "pad_all_masked": lambda q, k, v: _attn(padq(q, up), padq(k, up), padq(v, up), n, n)[:, :n],
+        "diag_pad_keys_unmasked(inexact)": lambda q, k, v: _attn(q, padq(k, up), padq(v, up)),
+        "diag_pad_all_unmasked(inexact)": lambda q, k, v: _attn(padq(q, up), padq(k, up), padq(v, up))[:, :n],
+    }
+    ref = jax.jit(variants["plain"])(q, k, v).astype(jnp.float32)
+    out = {"tokens": n, "padded_to": up}
+    for name, fn in variants.items():
+        f = jax.jit(fn)
+        try:
+            diff = float(jnp.max(jnp.abs(f(q, k, v).astype(jnp.float32) - ref)))
+            out[name] = {"fwd_ms": round(time_jax(f, q, k, v, n=20) * 1e3, 3), "max_abs_diff_vs_plain": diff}
+        except Exception as e:  # a kernel that rejects the shape
+            out[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def main():
+    if "--variants" in sys.argv:
+        emit("bench_attention_variants", {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                          "variants": [forward_variants(32760), forward_variants(14040, 14080)]})
+        return
     from jax._src.cudnn import fused_attention_stablehlo as fa
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "check_source": inspect.getsource(fa.check_is_flash_attention)[-1500:]}
