@@ -339,13 +339,31 @@ class AlphaBlendDataset:
                         fg_index=float(fi), bg_index=float(bi), index=float(index)))
 
 
-def dataset_from_config(inp, *, seed: int = 0, length: int = 10_000) -> AlphaBlendDataset:
-    """The AlphaBlendDataset of a config's `input` block (configs/diffdecompose.py).
+def dataset_from_config(inp, *, seed: int = 0, length: int = 10_000):
+    """The data source of a config's `input` block (configs/diffdecompose.py).
 
-    `inp.fg_dir` / `inp.bg_dir`: "" = procedural; a folder = the same folder for every subtask; and
-    `inp.fg_alpha` is "channel" or "luminance" (see RGBAFolderSource).
+    inp.source: "procedural" (AlphaBlendDataset; `fg_dir` / `bg_dir` = "" keep the procedural layers, a folder
+    replaces them for every subtask, `fg_alpha` as in RGBAFolderSource) or "logo" (data.logo.LogoDataset of
+    `logo_root` / `logo_split` at height×width, which must be square).
     """
+    if inp.source == "logo":
+        from data.logo import LogoDataset
+
+        if int(inp.height) != int(inp.width):
+            raise ValueError(f"input.source='logo' is square; got height {inp.height} != width {inp.width}")
+        if not inp.get("logo_root"):
+            raise ValueError("input.source='logo' needs input.logo_root (a LOGO variant folder, e.g. .../10khigh)")
+        return LogoDataset(inp.logo_root, split=inp.get("logo_split", "train"), size=int(inp.height))
+    if inp.source != "procedural":
+        raise ValueError(f"input.source must be 'procedural' or 'logo', got {inp.source!r}")
     cfg = AlphaBlendConfig(height=int(inp.height), width=int(inp.width), subtasks=tuple(inp.subtasks))
     fg = RGBAFolderSource(inp.fg_dir, alpha=inp.get("fg_alpha", "channel")) if inp.get("fg_dir") else None
     bg = ImageFolderSource(inp.bg_dir) if inp.get("bg_dir") else None
     return AlphaBlendDataset(cfg, foregrounds=fg, backgrounds=bg, seed=seed, length=length)
+
+
+def prompts_from_config(prompt, subtasks=SUBTASKS) -> dict[str, str]:
+    """subtask -> prompt text of a config's `prompt` block (template, descriptions): what a prompt-embedding
+    cache holds, so training looks embeddings up by a sample's `subtask` id and never runs T5 in the loop."""
+    desc = {k: tuple(v) for k, v in dict(prompt.get("descriptions", {})).items()}
+    return {s: build_prompt(s, prompt.get("template", PROMPT_TEMPLATE), desc) for s in subtasks}

@@ -1,5 +1,7 @@
 """AlphaBlend operators against their closed forms (written here, per pixel, in float64), and the generator."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -161,3 +163,27 @@ def test_procedural_layers_are_deterministic_and_nonempty():
         assert rgb.shape == (32, 32, 3) and a.shape == (32, 32) and a.max() > 0.05, s
         bg = p.background(s, 2, 32, 32)
         assert bg.shape == (32, 32, 3) and 0 <= bg.min() and bg.max() <= 1
+
+
+def test_config_builds_data_and_prompts(tmp_path):
+    from configs import diffdecompose
+    from tests.data.test_logo import make_logo
+
+    c = diffdecompose.get_config("subtasks=watermark+xray,runlocal")
+    ds = ab.dataset_from_config(c.input, length=4)
+    s = ds[1]
+    assert s["composite"].shape == (64, 64, 3) and ab.SUBTASKS[int(s["subtask"])] == "xray"
+    c.prompt.descriptions["xray"] = ["a knife", "a suitcase", "multiplication"]
+    p = ab.prompts_from_config(c.prompt, c.input.subtasks)
+    assert p == {"watermark": ab.build_prompt("watermark"),
+                 "xray": "Three sub-images. <image-1>: a knife, <image-2>: a suitcase, <image-3>: The overlapped "
+                         "of <image-1> and <image-2> by multiplication."}
+    c = diffdecompose.get_config("res=1024x512")
+    assert (c.input.height, c.input.width, c.total_steps) == (512, 1024, 50_000)
+    make_logo(str(tmp_path / "v"))
+    os.rename(tmp_path / "v" / "val_images", tmp_path / "v" / "train_images")
+    c = diffdecompose.get_config(f"logo={tmp_path / 'v'}")
+    logo = ab.dataset_from_config(c.input)
+    assert len(logo) == 3 and logo[0]["composite"].shape == (256, 256, 3)
+    with pytest.raises(ValueError, match="unknown subtasks"):
+        diffdecompose.get_config("subtasks=rain")
