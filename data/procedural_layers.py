@@ -85,12 +85,15 @@ class ProceduralLayers:
     @staticmethod
     def _watermark(rng, h, w):
         m = min(h, w)
-        n = int(rng.integers(3, 8))
+        n = int(rng.integers(3, 9))
         text = "".join(rng.choice(list(string.ascii_uppercase + string.digits), n))
         logo = int(rng.integers(0, 4))  # 0 none, 1 ring, 2 rounded square, 3 underline bar
 
         def draw(d, s):
-            font = ImageFont.load_default(size=max(6, int(m * s * (0.9 if logo == 0 else 0.55) / max(n, 3) * 1.6)))
+            # Text as wide as the box (92 %), at most 60 % of its height (30 % under a ring / square logo).
+            x0, y0, x1, y1 = d.textbbox((0, 0), text, font=ImageFont.load_default(size=100))
+            k = min(0.92 * w * s / max(x1 - x0, 1), (0.6 if logo in (0, 3) else 0.3) * h * s / max(y1 - y0, 1))
+            font = ImageFont.load_default(size=max(4, int(100 * k)))
             x0, y0, x1, y1 = d.textbbox((0, 0), text, font=font)
             tw, th = x1 - x0, y1 - y0
             ty = (h * s - th) // 2 if logo in (0, 3) else int(h * s * 0.62)
