@@ -137,7 +137,7 @@ def build_prompt(subtask: str, template: str = PROMPT_TEMPLATE, descriptions: di
 
 
 # ------------------------------------------------------------------------------------------- folder sources
-def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_image(img: np.ndarray, height: int, width: int) -> np.ndarray:
     """Float [h, w, C] -> [height, width, C] by PIL's bilinear filter (antialiased when shrinking)."""
     from PIL import Image
 
@@ -153,7 +153,7 @@ def _cover(img: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = img.shape[:2]
     k = max(height / h, width / w)
     nh, nw = max(height, round(h * k)), max(width, round(w * k))
-    img = _resize(img, nh, nw)
+    img = resize_image(img, nh, nw)
     y, x = (nh - height) // 2, (nw - width) // 2
     return img[y:y + height, x:x + width]
 
@@ -162,7 +162,7 @@ def _fit(img: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize to fit inside height×width keeping the aspect."""
     h, w = img.shape[:2]
     k = min(height / h, width / w)
-    return _resize(img, max(1, round(h * k)), max(1, round(w * k)))
+    return resize_image(img, max(1, round(h * k)), max(1, round(w * k)))
 
 
 def find_images(root: str) -> list[str]:

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from data.alphablend import SUBTASKS, _resize, read_rgba
+from data.alphablend import SUBTASKS, read_rgba, resize_image
 from omnijax.io.video import IMAGE_SUFFIXES
 
 F32 = np.float32
@@ -80,7 +80,7 @@ class LogoDataset:
         return len(self.names)
 
     def _fit(self, img: np.ndarray) -> np.ndarray:
-        return img if self.size is None else _resize(img, self.size, self.size)
+        return img if self.size is None else resize_image(img, self.size, self.size)
 
     def __getitem__(self, index: int) -> dict:
         image, mask, natural, wm = self.files[int(index)]

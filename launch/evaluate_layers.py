@@ -13,7 +13,9 @@ in the LOGO numbers; "valid" = skimage).
 
 LPIPS (AlexNet, `lpips` package) and FID (`pytorch_fid` Inception) run only when the package is installed and
 its network weights are already in the torch hub cache; nothing is downloaded. Otherwise each is skipped with
-a printed reason that is also recorded under "skipped" in the report.
+a printed reason that is also recorded under "skipped" in the report. LPIPS inputs are mapped x ↦ 2x − 1
+(lpips' convention; DENet's LOGO script min-max normalises each image instead, so LPIPS is not comparable
+across the two).
 
 The report (written atomically): {"n", "mean": {metric: value}, "per_image": [{"name", metric: value}],
 "settings": {...}, "skipped": {metric: reason}}; a table of the means is printed.
@@ -31,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.alphablend import _resize, read_rgba  # noqa: E402
+from data.alphablend import read_rgba, resize_image  # noqa: E402
 from omnijax.io.video import IMAGE_SUFFIXES, VideoError  # noqa: E402
 from omnijax.metrics.image import image_metrics, mean_metrics  # noqa: E402
 
@@ -89,7 +91,7 @@ def pairs_from_logo(pred: str, root: str, split: str) -> list[tuple[str, str, st
 
 def _load(path: str, size: int | None, channels: int = 3) -> np.ndarray:
     img = read_rgba(path)[..., :channels]
-    return img if size is None else np.clip(_resize(img, size, size), 0, 1)
+    return img if size is None else np.clip(resize_image(img, size, size), 0, 1)
 
 
 def _hub_file(name: str) -> str | None:
