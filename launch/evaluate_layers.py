@@ -124,6 +124,11 @@ def _lpips(model, pred: np.ndarray, gt: np.ndarray) -> float:
 
 def _fid(preds: list[np.ndarray], gts: list[np.ndarray]) -> tuple[float | None, str | None]:
     """FID between the two sets with pytorch_fid's Inception (2048-d pool features), or (None, reason)."""
+    import importlib.util
+
+    # Ask for pytorch_fid before importing anything: when it is missing, the torch import is not paid for.
+    if importlib.util.find_spec("pytorch_fid") is None:
+        return None, "the `pytorch_fid` package is not installed"
     try:
         import torch
         from pytorch_fid.fid_score import calculate_frechet_distance
