@@ -32,6 +32,7 @@ setup(
     extras_require={
         # PyTorch references for parity tests and for reading .pth checkpoints (weights-only). Pinned to the
         # release whose CPU wheel the machines provide (pip prefers 2.13.0+cpu); a newer one pulls CUDA wheels.
-        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest>=8", "chex", "ruff"],
+        # scikit-image is the independent reference of the SSIM/PSNR tests (tests/metrics).
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest>=8", "chex", "ruff", "scikit-image>=0.24"],
     },
 )

@@ -4,7 +4,9 @@ Axis letters: B batch, F frames, H height, W width, T latent frames, h/w latent 
 A pipeline serves one of three random-access sources, all giving dicts of numpy arrays per sample:
 - `SyntheticOmnimatte` (composites generated on the fly, procedural or from video folders);
 - `TfdsOmnimatte` (a prepared `data.tfds_omnimatte` dataset, decoded to float32);
-- `data.latent_cache.LatentSource` (cached VAE latents).
+- `data.latent_cache.LatentSource` (cached VAE latents);
+- image sources for DiffDecompose, `data.alphablend.AlphaBlendDataset` and `data.logo.LogoDataset` (composite,
+  foreground, background [B, H, W, 3], subtask [B]; H, W already multiples of 16, so `fit` leaves them alone).
 Pixel samples are cropped to a latent-friendly shape (F = 4k + 1 frames, H and W multiples of 16) and come out
 float32 in [0, 1], channels-last: video/background/foreground [B, F, H, W, 3], alpha/mask/effect_mask [B, F, H, W];
 `params` becomes a dict of [B] arrays. Latent samples pass through unchanged.

@@ -45,9 +45,13 @@ def sample_tiles(s: dict) -> list[np.ndarray]:
 
 def contact_sheet(samples: list[dict], gap: int = 4) -> np.ndarray:
     """Rows of tiles on a white page. Returns uint8 [rows*(H+gap)+gap, cols*(W+gap)+gap, 3]."""
-    rows = [sample_tiles(s) for s in samples]
+    return tile_page([sample_tiles(s) for s in samples], gap)
+
+
+def tile_page(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
+    """Rows of equally sized float [H, W, 3] tiles on a white page, as uint8."""
     h, w = rows[0][0].shape[:2]
-    page = np.ones((len(rows) * (h + gap) + gap, len(COLUMNS) * (w + gap) + gap, 3), np.float32)
+    page = np.ones((len(rows) * (h + gap) + gap, max(map(len, rows)) * (w + gap) + gap, 3), np.float32)
     for r, tiles in enumerate(rows):
         for c, t in enumerate(tiles):
             y, x = gap + r * (h + gap), gap + c * (w + gap)
@@ -55,13 +59,13 @@ def contact_sheet(samples: list[dict], gap: int = 4) -> np.ndarray:
     return np.clip(np.rint(page * 255), 0, 255).astype(np.uint8)
 
 
-def _label(page: np.ndarray, tile_w: int, gap: int = 4) -> np.ndarray:
+def _label(page: np.ndarray, tile_w: int, gap: int = 4, columns=COLUMNS) -> np.ndarray:
     """Prepend a header row with the column names (Pillow's built-in font)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (page.shape[1], 16), "white")
     d = ImageDraw.Draw(img)
-    for c, name in enumerate(COLUMNS):
+    for c, name in enumerate(columns):
         d.text((gap + c * (tile_w + gap) + 2, 2), name, fill="black")
     return np.concatenate([np.asarray(img), page], 0)
 

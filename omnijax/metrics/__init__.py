@@ -1,0 +1,1 @@
+"""Evaluation metrics (numpy, host-side): image quality of decomposed layers."""
