@@ -343,13 +343,13 @@ def lora_entries(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] 
     return tensors_to_adapters(tensors, metadata, naming=WAN_NAMING, strict=strict)
 
 
-def expert_from_lora(source, *, mask: str, name: str = "loaded", strict: bool = True) -> ExpertConfig:
-    """The ExpertConfig (blocks, targets, rank, alpha) that a LoRA file describes; `mask` is used unless the file
-    states its own (None: the file's)."""
+def expert_from_lora(source, *, mask: str | None, name: str | None = "loaded", strict: bool = True) -> ExpertConfig:
+    """The ExpertConfig (blocks, targets, rank, alpha) that a LoRA file describes. `mask` and `name` replace the
+    ones the file states (None: the file's; a file without an expert record needs a mask)."""
     tensors, meta = read_lora_file(source) if isinstance(source, str) else (source, {})
     if _META_OURS in meta:
         d = json.loads(meta[_META_OURS])
-        return ExpertConfig.from_dict({**d, "mask": mask or d["mask"], "name": name})
+        return ExpertConfig.from_dict({**d, "mask": mask or d["mask"], "name": name or d["name"]})
     if mask is None:
         raise LoRAFileError("the file does not state its attention mask; give one (B for Effect, C for Quality)")
     _, entries, _ = lora_entries(tensors, meta, strict=strict)
@@ -364,7 +364,7 @@ def expert_from_lora(source, *, mask: str, name: str = "loaded", strict: bool = 
     missing = [(b, t) for b in blocks for t in targets if (b, t) not in entries]
     if missing:
         raise LoRAFileError(f"adapters are not the same in every block; missing {missing[:10]}")
-    return ExpertConfig(name, ranks.pop(), alphas.pop(), tuple(blocks), mask, tuple(targets))
+    return ExpertConfig(name or "loaded", ranks.pop(), alphas.pop(), tuple(blocks), mask, tuple(targets))
 
 
 def load_lora(source, model, *, strict: bool = True):
