@@ -101,7 +101,7 @@ def stress(ref_state, tmp_path_factory):
     want = _merged_forward(ref_state, model, d)
     plain = _torch_forward(_torch_model(ref_state), d)
     assert rel_err(plain, want) > 1e-2  # the LoRA changes the output clearly
-    return path, d, want
+    return path, d, want, model
 
 
 def _pipeline(kind, transformer):
@@ -116,7 +116,7 @@ def _pipeline(kind, transformer):
 
 
 def test_diffusers_model_level_load(ref_state, stress):
-    path, d, want = stress
+    path, d, want, _ = stress
     model = _torch_model(ref_state)
     model.load_lora_adapter(path)  # the documented call: a file path, nothing else
     assert len(model.peft_config) == 1
@@ -126,13 +126,24 @@ def test_diffusers_model_level_load(ref_state, stress):
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 def test_diffusers_pipeline_level_load(ref_state, stress, kind):
-    path, d, want = stress
+    path, d, want, _ = stress
     pipe = _pipeline(kind, _torch_model(ref_state))
     pipe.load_lora_weights(path)
     cfg = next(iter(pipe.transformer.peft_config.values()))
     assert cfg.r == 4 and cfg.lora_alpha == 4  # the file's declared scale (alpha/r folded into lora_B)
     adapted = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A")}
     assert len(adapted) == len(STRESS.blocks) * len(TARGETS)  # exactly the file's modules, no suffix over-match
+    got = _torch_forward(pipe.transformer, d)
+    assert rel_err(got, want) <= 1e-5, rel_err(got, want)
+
+
+def test_diffusers_pipeline_loads_the_comfy_file(ref_state, stress, tmp_path):
+    """diffusers converts `diffusion_model.` Wan files itself (alpha folded by its converter)."""
+    _, d, want, model = stress
+    path = str(tmp_path / "stress_comfy.safetensors")
+    lora_io.save_lora(path, model, fmt="comfy")
+    pipe = _pipeline("i2v", _torch_model(ref_state))
+    pipe.load_lora_weights(path)
     got = _torch_forward(pipe.transformer, d)
     assert rel_err(got, want) <= 1e-5, rel_err(got, want)
 
