@@ -32,7 +32,9 @@ setup(
     extras_require={
         # PyTorch references for parity tests and for reading .pth checkpoints (weights-only). Pinned to the
         # release whose CPU wheel the machines provide (pip prefers 2.13.0+cpu); a newer one pulls CUDA wheels.
-        # scikit-image is the independent reference of the SSIM/PSNR tests (tests/metrics).
-        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest>=8", "chex", "ruff", "scikit-image>=0.24"],
+        # scikit-image is the independent reference of the SSIM/PSNR tests (tests/metrics); peft: diffusers' LoRA
+        # loaders need it (tests load exported LoRA files through them).
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "peft==0.21.2", "pytest>=8", "chex", "ruff",
+                 "scikit-image>=0.24"],
     },
 )

@@ -1,23 +1,38 @@
-"""Branch-LoRA files: safetensors in three namings, all driven by one name table (no underscore splitting).
+"""Branch-LoRA files: safetensors in four namings, all spelled from one name table per backbone.
 
-Formats (shared/spec/wan.md §2.3):
-  "omnijax": `blocks.{i}.{group}.{name}.lora_a` [I, R] and `.lora_b` [R, O] (our layout), with the expert
-             config (rank, alpha, blocks, targets, mask) as JSON metadata.
-  "peft":    diffusers/PEFT naming of the Wan transformer, `transformer.blocks.{i}.attn1.to_q.lora_A.weight`
-             [R, I] and `.lora_B.weight` [O, R]; alpha in the metadata `lora_adapter_metadata` as
-             {"r", "lora_alpha"} (files without it get alpha = R, PEFT's scale 1).
-  "kohya":   the VideoX-Fun / kohya naming, `lora_unet__blocks_{i}_self_attn_q.lora_down.weight` [R, I],
-             `.lora_up.weight` [O, R] and `.alpha` (0-d), module paths in the original Wan names.
-Round trips are exact (transposes only). Loading checks every key: unknown names, missing adapters, rank
-and shape mismatches raise LoRAFileError naming them. Files are written atomically.
+Formats (shared/spec/wan.md §2.3; which tool loads which file: README, "LoRA files"):
+  "omnijax": `blocks.{i}.{group}.{name}.lora_a` [I, R] and `.lora_b` [R, O] (our layout); alpha in the metadata.
+  "peft":    diffusers/PEFT naming, `transformer.blocks.{i}.attn1.to_q.lora_A.weight` [R, I], `.lora_B.weight` [O, R].
+             The scale alpha/R is folded into lora_B and the file declares alpha = R: diffusers' model-level
+             `load_lora_adapter(path)` never reads a file's metadata (it infers alpha = R), while the pipelines'
+             `load_lora_weights` do, so a folded file is the only one both load at the same, right scale.
+             `lora_adapter_metadata` is written the way diffusers' own `save_lora_weights` writes it: keys prefixed
+             by the pipeline component (`transformer.r`, `transformer.lora_alpha`, `transformer.target_modules`,
+             the last as full module paths so that PEFT adapts exactly the file's modules).
+  "kohya":   VideoX-Fun / kohya naming, `lora_unet__blocks_{i}_self_attn_q.lora_down.weight` [R, I],
+             `.lora_up.weight` [O, R] and `.alpha` (0-d); module paths in the original Wan names.
+  "comfy":   ComfyUI's own naming, `diffusion_model.blocks.{i}.self_attn.q.lora_down.weight` / `.lora_up.weight` /
+             `.alpha`: ComfyUI maps every `diffusion_model.<module>` of its Wan model, for any subset of blocks
+             (it recognises the "kohya" file only when block 0's cross-attention k is in it). VideoX-Fun's
+             `merge_lora` and diffusers' Wan pipelines read this naming too.
+Every format also carries the expert config (rank, alpha, blocks, targets, mask) as JSON metadata `omnijax_lora`.
+Round trips are exact for bf16 adapters (the folded peft B is stored in f32). Loading checks every key: unknown
+names, missing adapters, rank and shape mismatches raise LoRAFileError naming them. Files are written atomically.
+
+Backbones: a `Naming` lists a backbone's adapter slots and spells each slot in every format. The generic functions
+(`adapters_to_tensors`, `tensors_to_adapters`, `write_tensors`) take a Naming; the Wan functions below pass
+WAN_NAMING. Another backbone (Flux) adds its own Naming and a function that collects its adapters as
+{slot: {"a": [I, R], "b": [R, O], "alpha": float}}; formats, metadata and checks are shared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +40,63 @@ import numpy as np
 from omnijax.omnimatte.branch import BranchLoRA, EasyOmnimatte
 from omnijax.omnimatte.experts import TARGETS, ExpertConfig
 
-FORMATS = ("omnijax", "peft", "kohya")
 _META_OURS = "omnijax_lora"
-_META_PEFT = "lora_adapter_metadata"
-_MAX_BLOCKS = 128  # name tables cover block indices below this (Wan has 30 or 40)
+_META_PEFT = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
+
+@dataclasses.dataclass(frozen=True)
+class FileFormat:
+    """How one ecosystem stores an adapter: key suffixes, matrix layout, where alpha lives."""
+
+    down: str  # suffix of A / lora_down
+    up: str  # suffix of B / lora_up
+    alpha: str | None  # suffix of a 0-d alpha tensor; None: alpha in the metadata
+    torch_layout: bool  # A stored [R, I] and B [O, R] (else ours: [I, R] and [R, O])
+
+
+_KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+FILE_FORMATS = {"omnijax": FileFormat("lora_a", "lora_b", None, False),
+                "peft": FileFormat("lora_A.weight", "lora_B.weight", None, True),
+                "kohya": FileFormat(*_KOHYA_SUFFIXES, True),
+                "comfy": FileFormat(*_KOHYA_SUFFIXES, True)}
+FORMATS = tuple(FILE_FORMATS)
+
+
+class LoRAFileError(ValueError):
+    """A LoRA file does not fit the model or is malformed."""
+
+
+class Naming:
+    """One backbone's adapter names: every slot (a hashable key such as (block, target)) spelled in every format.
+
+    Args:
+      backbone: name for messages ("wan").
+      slots: every adapter slot the backbone can have.
+      spell: {format: slot -> module name}; the peft spelling starts with `component + "."`.
+      component: the diffusers pipeline component the peft file loads into (its metadata prefix).
+    """
+
+    def __init__(self, backbone: str, slots: Iterable[Hashable], spell: Mapping[str, Callable[[Hashable], str]],
+                 component: str = "transformer"):
+        missing = [f for f in FORMATS if f not in spell]
+        if missing:
+            raise ValueError(f"naming {backbone!r} spells no module names for formats {missing}")
+        self.backbone, self.slots, self.spell, self.component = backbone, tuple(slots), dict(spell), component
+        self._tables: dict[str, dict[str, Hashable]] = {}
+
+    def name(self, fmt: str, slot) -> str:
+        return self.spell[fmt](slot)
+
+    def table(self, fmt: str) -> dict[str, Hashable]:
+        """{module name in `fmt`: slot}."""
+        if fmt not in self._tables:
+            self._tables[fmt] = {self.name(fmt, s): s for s in self.slots}
+        return self._tables[fmt]
+
+
+# ------------------------------------------------------------------------------------------------------ Wan
+
+_MAX_BLOCKS = 128  # the Wan table covers block indices below this (Wan has 30 or 40)
 # target (our block-relative path) -> diffusers module path / original Wan module path
 _PEFT_NAMES = {
     "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
@@ -40,34 +107,175 @@ _PEFT_NAMES = {
 _WAN_NAMES = {t: t for t in TARGETS if not t.startswith("ffn.")} | {"ffn.linear_1": "ffn.0", "ffn.linear_2": "ffn.2"}
 
 
-class LoRAFileError(ValueError):
-    """A LoRA file does not fit the model or is malformed."""
+def _wan(slot):
+    return f"blocks.{slot[0]}.{_WAN_NAMES[slot[1]]}"
 
 
-def _module_names(fmt: str, block: int, target: str) -> str:
-    if fmt == "omnijax":
-        return f"blocks.{block}.{target}"
-    if fmt == "peft":
-        return f"transformer.blocks.{block}.{_PEFT_NAMES[target]}"
-    return "lora_unet__" + f"blocks.{block}.{_WAN_NAMES[target]}".replace(".", "_")
+WAN_NAMING = Naming(
+    "wan", [(b, t) for b in range(_MAX_BLOCKS) for t in TARGETS],
+    {"omnijax": lambda s: f"blocks.{s[0]}.{s[1]}",
+     "peft": lambda s: f"transformer.blocks.{s[0]}.{_PEFT_NAMES[s[1]]}",
+     # VideoX-Fun names modules "lora_unet" + "." + (root name "") + "." + path, dots to underscores: two underscores.
+     "kohya": lambda s: "lora_unet__" + _wan(s).replace(".", "_"),
+     "comfy": lambda s: "diffusion_model." + _wan(s)})
 
 
-_SUFFIXES = {"omnijax": ("lora_a", "lora_b", None), "peft": ("lora_A.weight", "lora_B.weight", None),
-             "kohya": ("lora_down.weight", "lora_up.weight", "alpha")}
+# ------------------------------------------------------------------------------------------------------ generic
 
 
-def _name_table(fmt: str) -> dict[str, tuple[int, str]]:
-    """{module name in `fmt`: (block, target)} for every block index and target."""
-    return {_module_names(fmt, b, t): (b, t) for b in range(_MAX_BLOCKS) for t in TARGETS}
+def _spec(fmt: str) -> FileFormat:
+    if fmt not in FILE_FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+    return FILE_FORMATS[fmt]
 
 
-_TABLES: dict[str, dict[str, tuple[int, str]]] = {}
+def adapters_to_tensors(adapters: Mapping, fmt: str, naming: Naming, *, info: Mapping | None = None
+                        ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({key: array}, metadata) of `adapters` {slot: {"a": [I, R], "b": [R, O], "alpha": float}} in format `fmt`.
+
+    `info` (JSON-able, e.g. the expert config) is kept in the metadata under "omnijax_lora". Arrays keep their
+    dtype, except a peft B whose scale is folded in (stored in at least f32 so that reading it back is exact).
+    """
+    spec = _spec(fmt)
+    out, ranks = {}, set()
+    for slot, ad in adapters.items():
+        mod = naming.name(fmt, slot)
+        a, b, alpha = np.asarray(ad["a"]), np.asarray(ad["b"]), float(ad["alpha"])
+        rank = a.shape[1]
+        ranks.add(rank)
+        if fmt == "peft" and alpha != rank:
+            b = b.astype(np.float64) * (alpha / rank)
+            b = b.astype(np.result_type(ad["b"].dtype, np.float32))
+        if spec.torch_layout:
+            a, b = a.T, b.T
+        out[f"{mod}.{spec.down}"], out[f"{mod}.{spec.up}"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        if spec.alpha:
+            out[f"{mod}.{spec.alpha}"] = np.asarray(alpha, np.float32)
+    # PyTorch-layout files say "pt" like torch's own safetensors writers; our format name goes in its own key.
+    meta = {"format": "pt" if spec.torch_layout else "flax", "omnijax_format": fmt}
+    if info is not None:
+        meta[_META_OURS] = json.dumps(dict(info))
+    if fmt == "peft" and adapters:
+        if len(ranks) != 1:
+            raise ValueError(f"a peft file needs one rank for all adapters, got {sorted(ranks)}")
+        rank = ranks.pop()
+        prefix = naming.component + "."
+        modules = sorted(naming.name(fmt, s).removeprefix(prefix) for s in adapters)
+        meta[_META_PEFT] = json.dumps({f"{prefix}r": rank, f"{prefix}lora_alpha": rank,
+                                       f"{prefix}target_modules": modules})
+    return out, meta
 
 
-def _table(fmt):
-    if fmt not in _TABLES:
-        _TABLES[fmt] = _name_table(fmt)
-    return _TABLES[fmt]
+def write_tensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]):
+    """Writes safetensors atomically (a temporary file in the same folder, then rename)."""
+    from safetensors.flax import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".lora-", suffix=".safetensors.tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: jnp.asarray(v) for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_lora_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({key: numpy array}, metadata) of a safetensors file (bf16 stays bf16 via ml_dtypes)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no LoRA file at {path}")
+    try:
+        with safe_open(path, framework="flax") as f:
+            meta = dict(f.metadata() or {})
+            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}, meta
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        if isinstance(e, OSError):
+            raise
+        raise LoRAFileError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def _split_key(fmt, key):
+    for suffix in filter(None, dataclasses.astuple(FILE_FORMATS[fmt])[:3]):
+        if key.endswith("." + suffix):
+            return key[:-len(suffix) - 1], suffix
+    return None, None
+
+
+def detect_format(keys, naming: Naming | None = None) -> str:
+    """The LoRA naming (one of FORMATS) of a file's keys."""
+    naming = naming or WAN_NAMING
+    keys = list(keys)
+    for fmt in FORMATS:
+        table = naming.table(fmt)
+        if any(_split_key(fmt, k)[0] in table for k in keys):
+            return fmt
+    raise LoRAFileError(f"not a {naming.backbone} LoRA file in a known format {FORMATS}; first keys: {keys[:5]}")
+
+
+def _metadata_alpha(fmt: str, metadata: Mapping[str, str], naming: Naming) -> float | None:
+    """The file-wide alpha its metadata declares (None: not declared)."""
+    if fmt == "omnijax" and _META_OURS in metadata:
+        return float(json.loads(metadata[_META_OURS])["alpha"])
+    if fmt == "peft" and _META_PEFT in metadata:
+        peft = json.loads(metadata[_META_PEFT])
+        prefix = naming.component + "."
+        # diffusers prefixes the keys by the pipeline component; older omnijax files did not.
+        peft = {k.removeprefix(prefix): v for k, v in peft.items()}
+        if peft.get("alpha_pattern") or peft.get("rank_pattern"):
+            raise LoRAFileError("PEFT files with per-module alpha_pattern / rank_pattern are not supported")
+        if "lora_alpha" in peft:
+            return float(peft["lora_alpha"])
+    return None
+
+
+def tensors_to_adapters(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, *,
+                        naming: Naming | None = None, strict: bool = True):
+    """Parses a file's tensors into {slot: {"a": [I, R], "b": [R, O], "alpha": float}} (our layout).
+
+    Returns (format, adapters, ignored keys). Unknown keys raise LoRAFileError unless `strict` is False. A file
+    that states no alpha has alpha = R (scale 1), as PEFT, ComfyUI and VideoX-Fun read it.
+    """
+    naming = naming or WAN_NAMING
+    metadata = dict(metadata or {})
+    fmt = detect_format(tensors.keys(), naming)
+    table, spec = naming.table(fmt), FILE_FORMATS[fmt]
+    default_alpha = _metadata_alpha(fmt, metadata, naming)
+    slots = {spec.down: "a", spec.up: "b", spec.alpha: "alpha"}
+    entries: dict = {}
+    unknown = []
+    for key, arr in tensors.items():
+        mod, suffix = _split_key(fmt, key)
+        if mod is None or mod not in table:
+            unknown.append(key)
+            continue
+        entries.setdefault(table[mod], {})[slots[suffix]] = arr
+    if unknown and strict:
+        raise LoRAFileError(f"{len(unknown)} {fmt} LoRA keys name no {naming.backbone} adapter: {sorted(unknown)[:10]}")
+    for slot, e in entries.items():
+        if "a" not in e or "b" not in e:
+            raise LoRAFileError(f"{_slot_str(slot)}: the file has only {sorted(e)} (needs both matrices)")
+        a, b = np.asarray(e["a"]), np.asarray(e["b"])
+        if spec.torch_layout:
+            a, b = a.T, b.T
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise LoRAFileError(f"{_slot_str(slot)}: down/up shapes {a.shape} and {b.shape} do not chain")
+        rank = a.shape[1]
+        alpha = float(np.asarray(e["alpha"], np.float64)) if "alpha" in e else (
+            default_alpha if default_alpha is not None else float(rank))
+        entries[slot] = {"a": a, "b": b, "alpha": alpha}
+    return fmt, entries, unknown
+
+
+def _slot_str(slot) -> str:
+    return " ".join(map(str, slot)) if isinstance(slot, tuple) else str(slot)
+
+
+# ------------------------------------------------------------------------------------------------------ Wan experts
 
 
 def _branch_lora(model) -> BranchLoRA:
@@ -78,138 +286,72 @@ def _branch_lora(model) -> BranchLoRA:
     raise TypeError(f"expected an EasyOmnimatte or BranchLoRA, got {type(model).__name__}")
 
 
-def _adapters(lora: BranchLoRA):
+def _modules(lora: BranchLoRA):
     for b in lora.expert.blocks:
         groups = lora.for_block(b)
         for target in lora.expert.targets:
             group, name = target.split(".")
-            yield b, target, groups[group][name]
+            yield (b, target), groups[group][name]
 
 
-# ------------------------------------------------------------------------------------------------------ writing
+def model_adapters(model) -> dict:
+    """{(block, target): {"a": [I, R], "b": [R, O], "alpha"}} of an expert's adapters (numpy, stored dtype)."""
+    return {slot: {"a": np.asarray(ad.lora_a.get_value()), "b": np.asarray(ad.lora_b.get_value()),
+                   "alpha": float(ad.alpha)} for slot, ad in _modules(_branch_lora(model))}
+
+
+_PARAM_PATH = re.compile(r"^(?:.*\.)?blocks\.(\d+)\.(\w+)\.(\w+)\.(lora_a|lora_b)$")
+
+
+def params_adapters(flat: Mapping[str, np.ndarray], expert: ExpertConfig) -> dict:
+    """The adapters of `expert` from flat trainer params ({"lora.blocks.27.self_attn.q.lora_a": [I, R], ...})."""
+    found: dict = {}
+    for path, arr in flat.items():
+        m = _PARAM_PATH.match(path)
+        if m is None:
+            raise LoRAFileError(f"checkpoint parameter {path!r} is not a branch-LoRA matrix")
+        slot = (int(m.group(1)), f"{m.group(2)}.{m.group(3)}")
+        found.setdefault(slot, {})[m.group(4)[-1]] = np.asarray(arr)
+    want = {(b, t) for b in expert.blocks for t in expert.targets}
+    if set(found) != want or any(len(v) != 2 for v in found.values()):
+        raise LoRAFileError(f"checkpoint adapters do not match the expert {expert.name!r}: extra "
+                            f"{sorted(set(found) - want)[:10]}, missing {sorted(want - set(found))[:10]}, "
+                            f"incomplete {sorted(s for s, v in found.items() if len(v) != 2)[:10]}")
+    return {s: {"a": found[s]["a"], "b": found[s]["b"], "alpha": float(expert.alpha)} for s in sorted(found)}
 
 
 def lora_tensors(model, fmt: str = "omnijax") -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """({key: array}, metadata) of the model's adapters in format `fmt` (arrays keep their stored dtype)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
+    """({key: array}, metadata) of the model's adapters in format `fmt`."""
+    _spec(fmt)
     lora = _branch_lora(model)
-    expert = lora.expert
-    a_suffix, b_suffix, alpha_suffix = _SUFFIXES[fmt]
-    out = {}
-    for block, target, ad in _adapters(lora):
-        mod = _module_names(fmt, block, target)
-        a, b = np.asarray(ad.lora_a.get_value()), np.asarray(ad.lora_b.get_value())
-        if fmt != "omnijax":  # torch layout: down/A [R, I], up/B [O, R]
-            a, b = a.T, b.T
-        out[f"{mod}.{a_suffix}"], out[f"{mod}.{b_suffix}"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
-        if alpha_suffix:
-            out[f"{mod}.{alpha_suffix}"] = np.asarray(ad.alpha, np.float32)
-    meta = {"format": fmt}
-    if fmt == "omnijax":
-        meta[_META_OURS] = json.dumps(expert.to_dict())
-    elif fmt == "peft":
-        meta[_META_PEFT] = json.dumps({"r": expert.rank, "lora_alpha": expert.alpha,
-                                       "target_modules": sorted({_PEFT_NAMES[t] for t in expert.targets})})
-    return out, meta
+    return adapters_to_tensors(model_adapters(lora), fmt, WAN_NAMING, info=lora.expert.to_dict())
 
 
 def save_lora(path: str, model, *, fmt: str = "omnijax"):
-    """Writes the adapters as safetensors (atomically: a temporary file in the same folder, then rename)."""
-    from safetensors.flax import save_file
-
-    tensors, meta = lora_tensors(model, fmt)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lora-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: jnp.asarray(v) for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes the model's adapters as a safetensors file in format `fmt` (atomically)."""
+    write_tensors(path, *lora_tensors(model, fmt))
 
 
-# ------------------------------------------------------------------------------------------------------ reading
-
-
-def read_lora_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """({key: numpy array}, metadata) of a safetensors file (bf16 stays bf16 via ml_dtypes)."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no LoRA file at {path}")
-    with safe_open(path, framework="flax") as f:
-        meta = dict(f.metadata() or {})
-        return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}, meta
-
-
-def detect_format(keys) -> str:
-    """The LoRA naming ("omnijax", "peft" or "kohya") of a file's keys."""
-    keys = list(keys)
-    for fmt in ("kohya", "peft", "omnijax"):
-        table = _table(fmt)
-        if any(_split_key(fmt, k)[0] in table for k in keys):
-            return fmt
-    raise LoRAFileError(f"not a Wan branch-LoRA file in a known format {FORMATS}; first keys: {keys[:5]}")
-
-
-def _split_key(fmt, key):
-    for suffix in filter(None, _SUFFIXES[fmt]):
-        if key.endswith("." + suffix):
-            return key[:-len(suffix) - 1], suffix
-    return None, None
+def save_adapters(path: str, adapters: Mapping, expert: ExpertConfig, *, fmt: str):
+    """Writes Wan adapters {(block, target): {"a", "b", "alpha"}} (e.g. from a checkpoint) in format `fmt`."""
+    write_tensors(path, *adapters_to_tensors(adapters, fmt, WAN_NAMING, info=expert.to_dict()))
 
 
 def lora_entries(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, *,
                  strict: bool = True):
-    """Parses a file's tensors into {(block, target): {"a": [I, R], "b": [R, O], "alpha": float}} (our layout).
-
-    Returns (format, entries, ignored keys). Unknown keys raise LoRAFileError unless `strict` is False.
-    """
-    metadata = dict(metadata or {})
-    fmt = detect_format(tensors.keys())
-    table = _table(fmt)
-    a_suf, b_suf, alpha_suf = _SUFFIXES[fmt]
-    default_alpha = None
-    if fmt == "omnijax" and _META_OURS in metadata:
-        default_alpha = float(json.loads(metadata[_META_OURS])["alpha"])
-    if fmt == "peft" and _META_PEFT in metadata:
-        default_alpha = float(json.loads(metadata[_META_PEFT])["lora_alpha"])
-    entries: dict[tuple[int, str], dict] = {}
-    unknown = []
-    for key, arr in tensors.items():
-        mod, suffix = _split_key(fmt, key)
-        if mod is None or mod not in table:
-            unknown.append(key)
-            continue
-        slot = {a_suf: "a", b_suf: "b", alpha_suf: "alpha"}[suffix]
-        entries.setdefault(table[mod], {})[slot] = arr
-    if unknown and strict:
-        raise LoRAFileError(f"{len(unknown)} {fmt} LoRA keys name no branch-LoRA target: {sorted(unknown)[:10]}")
-    for (block, target), e in entries.items():
-        if "a" not in e or "b" not in e:
-            raise LoRAFileError(f"block {block} {target}: the file has only {sorted(e)} (needs both matrices)")
-        a, b = np.asarray(e["a"]), np.asarray(e["b"])
-        if fmt != "omnijax":
-            a, b = a.T, b.T
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise LoRAFileError(f"block {block} {target}: down/up shapes {a.shape} and {b.shape} do not chain")
-        rank = a.shape[1]
-        alpha = float(np.asarray(e["alpha"], np.float64)) if "alpha" in e else (
-            default_alpha if default_alpha is not None else float(rank))
-        entries[(block, target)] = {"a": a, "b": b, "alpha": alpha}
-    return fmt, entries, unknown
+    """(format, {(block, target): {"a": [I, R], "b": [R, O], "alpha"}}, ignored keys) of a Wan LoRA file."""
+    return tensors_to_adapters(tensors, metadata, naming=WAN_NAMING, strict=strict)
 
 
-def expert_from_lora(source, *, mask: str, name: str = "loaded", strict: bool = True) -> ExpertConfig:
-    """The ExpertConfig (blocks, targets, rank, alpha) that a LoRA file describes; `mask` is not stored in it."""
+def expert_from_lora(source, *, mask: str | None, name: str | None = "loaded", strict: bool = True) -> ExpertConfig:
+    """The ExpertConfig (blocks, targets, rank, alpha) that a LoRA file describes. `mask` and `name` replace the
+    ones the file states (None: the file's; a file without an expert record needs a mask)."""
     tensors, meta = read_lora_file(source) if isinstance(source, str) else (source, {})
     if _META_OURS in meta:
         d = json.loads(meta[_META_OURS])
-        return ExpertConfig.from_dict({**d, "mask": mask or d["mask"], "name": name})
+        return ExpertConfig.from_dict({**d, "mask": mask or d["mask"], "name": name or d["name"]})
+    if mask is None:
+        raise LoRAFileError("the file does not state its attention mask; give one (B for Effect, C for Quality)")
     _, entries, _ = lora_entries(tensors, meta, strict=strict)
     if not entries:
         raise LoRAFileError("the file holds no branch-LoRA adapters")
@@ -222,11 +364,11 @@ def expert_from_lora(source, *, mask: str, name: str = "loaded", strict: bool = 
     missing = [(b, t) for b in blocks for t in targets if (b, t) not in entries]
     if missing:
         raise LoRAFileError(f"adapters are not the same in every block; missing {missing[:10]}")
-    return ExpertConfig(name, ranks.pop(), alphas.pop(), tuple(blocks), mask, tuple(targets))
+    return ExpertConfig(name or "loaded", ranks.pop(), alphas.pop(), tuple(blocks), mask, tuple(targets))
 
 
 def load_lora(source, model, *, strict: bool = True):
-    """Fills the model's adapters from a file path or a {key: array} mapping (any of the three formats).
+    """Fills the model's adapters from a file path or a {key: array} mapping (any format in FORMATS).
 
     The file must hold exactly the model's adapters (same blocks and targets, same rank). An alpha that differs
     from the model's is folded into B (the delta stays the same function). Returns the model.
@@ -234,7 +376,7 @@ def load_lora(source, model, *, strict: bool = True):
     tensors, meta = read_lora_file(source) if isinstance(source, str) else (source, {})
     fmt, entries, _ = lora_entries(tensors, meta, strict=strict)
     lora = _branch_lora(model)
-    expected = {(b, t): ad for b, t, ad in _adapters(lora)}
+    expected = dict(_modules(lora))
     extra = sorted(set(entries) - set(expected))
     missing = sorted(set(expected) - set(entries))
     if extra or missing:
@@ -250,8 +392,8 @@ def load_lora(source, model, *, strict: bool = True):
             raise LoRAFileError(f"block {key[0]} {key[1]}: file shapes {e['a'].shape}/{e['b'].shape}, model "
                                 f"{a_var.get_value().shape}/{b_var.get_value().shape}")
         b = e["b"]
-        if e["alpha"] != ad.alpha:
-            b = (b.astype(np.float32) * (e["alpha"] / ad.alpha)).astype(b.dtype)
+        if e["alpha"] != ad.alpha:  # in f64, so that unfolding a folded file returns the trained bf16 values
+            b = b.astype(np.float64) * (e["alpha"] / ad.alpha)
         updates.append((ad, jnp.asarray(e["a"], a_var.get_value().dtype), jnp.asarray(b, b_var.get_value().dtype)))
     for ad, a, b in updates:  # all checks passed: now write
         ad.lora_a.set_value(a)
@@ -262,4 +404,3 @@ def load_lora(source, model, *, strict: bool = True):
 def lora_keys(model, fmt: str) -> list[str]:
     """The keys a file of `fmt` holds for this model (for docs and tests)."""
     return sorted(lora_tensors(model, fmt)[0])
-

@@ -1,4 +1,6 @@
-"""LoRA files: exact round trips in the three namings, the published key spellings, and clear errors."""
+"""LoRA files: exact round trips in the four namings, the published key spellings, and clear errors."""
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,10 @@ def test_published_key_spellings(models):
     assert "lora_unet__blocks_1_self_attn_q.lora_down.weight" in kohya
     assert "lora_unet__blocks_11_cross_attn_k_img.lora_up.weight" in kohya
     assert "lora_unet__blocks_1_ffn_2.alpha" in kohya
+    comfy = lora_io.lora_keys(src, "comfy")
+    assert "diffusion_model.blocks.1.self_attn.q.lora_down.weight" in comfy
+    assert "diffusion_model.blocks.11.cross_attn.k_img.lora_up.weight" in comfy
+    assert "diffusion_model.blocks.1.ffn.2.alpha" in comfy
     tensors, _ = lora_io.lora_tensors(src, "kohya")
     down = tensors["lora_unet__blocks_1_ffn_0.lora_down.weight"]
     up = tensors["lora_unet__blocks_1_ffn_0.lora_up.weight"]
@@ -77,7 +83,7 @@ def test_errors_name_the_problem(models):
     base, expert, src = models
     tensors, meta = lora_io.lora_tensors(src, "peft")
     dst = EasyOmnimatte(base, expert, rngs=nnx.Rngs(3))
-    with pytest.raises(lora_io.LoRAFileError, match="name no branch-LoRA target"):
+    with pytest.raises(lora_io.LoRAFileError, match="name no wan adapter"):
         lora_io.load_lora({**tensors, "transformer.time_embedding.0.lora_A.weight": np.zeros((4, 2))}, dst)
     missing = {k: v for k, v in tensors.items() if ".blocks.11.attn1.to_q." not in k}
     with pytest.raises(lora_io.LoRAFileError, match="missing from the file"):
@@ -95,3 +101,18 @@ def test_errors_name_the_problem(models):
         lora_io.load_lora({"foo.weight": np.zeros(2)}, dst)
     # Non-strict loading skips keys that name no target (e.g. VideoX-Fun's embedding adapters).
     lora_io.load_lora({**tensors, "transformer.time_embedding.0.lora_A.weight": np.zeros((4, 2))}, dst, strict=False)
+
+
+def test_peft_file_folds_the_scale_and_prefixes_its_metadata(models):
+    """diffusers reads `<component>.r` etc. (its save_lora_weights prefixes them) and its model-level loader reads
+    no metadata at all: the file must declare alpha = r and carry alpha/r in lora_B."""
+    _, expert, src = models
+    tensors, meta = lora_io.lora_tensors(src, "peft")
+    peft = json.loads(meta["lora_adapter_metadata"])
+    assert peft["transformer.r"] == 4 and peft["transformer.lora_alpha"] == 4
+    assert "transformer.blocks.11.attn2.add_k_proj" not in peft["transformer.target_modules"]
+    assert sorted(peft["transformer.target_modules"]) == sorted(
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in tensors if k.endswith("lora_A.weight"))
+    ad = src.lora.for_block(11)["ffn"]["linear_2"]
+    want = np.asarray(ad.lora_b.get_value(), np.float64).T * (expert.alpha / expert.rank)
+    np.testing.assert_array_equal(tensors["transformer.blocks.11.ffn.net.2.lora_B.weight"], want.astype(np.float32))

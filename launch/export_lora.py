@@ -1,0 +1,131 @@
+"""Write an expert's LoRA in the namings other tools load (README, "LoRA files"), from a training run or a file.
+
+  python launch/export_lora.py --source /runs/effect --format comfy --format peft --out /exports
+  python launch/export_lora.py --source lora_effect_omnijax.safetensors --format comfy --out effect_comfy.safetensors
+
+--source: a training workdir (its checkpoints/), a checkpoints directory, one step directory (checkpoints/<step>),
+or a LoRA file in any format omnijax reads. From checkpoints the latest step is used unless --step is given; the
+adapters are the checkpoint's params and the expert config (rank, alpha, blocks, targets, mask) its metadata.
+--out: a .safetensors path (one --format) or a directory that gets lora_<expert>_<format>.safetensors. Every file
+is written atomically; an existing one is kept unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from omnijax.omnimatte import lora_io  # noqa: E402
+from omnijax.omnimatte.experts import ExpertConfig  # noqa: E402
+
+
+class ExportError(RuntimeError):
+    """The source cannot be exported (named in the message)."""
+
+
+def _checkpoint_dir(path: str) -> tuple[str, int | None]:
+    """(checkpoints directory, step or None) of a workdir, checkpoints directory or step directory."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    name = os.path.basename(os.path.normpath(path))
+    if name.isdigit() and os.path.isdir(os.path.join(path, "params")):
+        return os.path.dirname(os.path.normpath(path)), int(name)
+    return path, None
+
+
+def read_checkpoint(path: str, step: int | None = None) -> tuple[dict, ExpertConfig, int]:
+    """(adapters, expert, step) of a trainer checkpoint (layout: omnijax/training/checkpoint.py)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    directory, dir_step = _checkpoint_dir(os.path.abspath(path))
+    step = dir_step if step is None else step
+    handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    manager = ocp.CheckpointManager(directory, item_handlers=handlers)
+    steps = list(manager.all_steps())
+    if not steps:
+        raise ExportError(f"no training checkpoint in {directory}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ExportError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    expert = (meta.get("extra") or {}).get("expert")
+    if expert is None:
+        raise ExportError(f"checkpoint {directory}/{step} does not record its expert config (meta.extra.expert)")
+    # Read every array onto one local device, whatever mesh wrote it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stored = manager.item_metadata(step)["params"]
+    target = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) for k, m in stored.items()}
+    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    manager.close()
+    expert = ExpertConfig.from_dict(expert)
+    return lora_io.params_adapters({k: np.asarray(v) for k, v in params.items()}, expert), expert, step
+
+
+def read_file(path: str, mask: str | None) -> tuple[dict, ExpertConfig]:
+    """(adapters, expert) of a LoRA file; `mask` only where the file does not state its expert."""
+    import numpy as np
+
+    tensors, meta = lora_io.read_lora_file(path)
+    _, adapters, _ = lora_io.lora_entries(tensors, meta)
+    if not adapters:
+        raise ExportError(f"{path} holds no branch-LoRA adapters")
+    expert = lora_io.expert_from_lora(path, mask=mask, name=None)
+    for ad in adapters.values():  # e.g. a peft file (alpha/r folded in): back to the expert's own alpha
+        if ad["alpha"] != expert.alpha:
+            b = np.asarray(ad["b"])
+            ad["b"] = (b.astype(np.float64) * (ad["alpha"] / expert.alpha)).astype(np.result_type(b.dtype, np.float32))
+            ad["alpha"] = float(expert.alpha)
+    return adapters, expert
+
+
+def _targets(out: str, formats: list[str], name: str) -> dict[str, str]:
+    if out.endswith(".safetensors"):
+        if len(formats) != 1:
+            raise ExportError(f"--out {out} is one file but {len(formats)} formats were asked for; give a directory")
+        return {formats[0]: out}
+    return {fmt: os.path.join(out, f"lora_{name}_{fmt}.safetensors") for fmt in formats}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", required=True, help="training workdir, checkpoints dir, step dir, or LoRA file")
+    p.add_argument("--format", action="append", required=True, choices=lora_io.FORMATS, dest="formats",
+                   help="output naming (repeat for several)")
+    p.add_argument("--out", required=True, help="output .safetensors file (one format) or directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--mask", choices=("A", "B", "C"), default=None,
+                   help="the expert's attention mask, for a source file that does not state it")
+    p.add_argument("--name", default=None, help="expert name in output file names (default: the expert's)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = p.parse_args(argv)
+    try:
+        if os.path.isfile(args.source):
+            adapters, expert = read_file(args.source, args.mask)
+            where = args.source
+        elif os.path.isdir(args.source):
+            adapters, expert, step = read_checkpoint(args.source, args.step)
+            where = f"{args.source} step {step}"
+        else:
+            raise ExportError(f"no file or directory at {args.source}")
+        name = args.name or (expert.name if expert.name and expert.name != "loaded" else "expert")
+        targets = _targets(args.out, list(dict.fromkeys(args.formats)), name)
+        existing = [t for t in targets.values() if os.path.exists(t)]
+        if existing and not args.overwrite:
+            raise ExportError(f"{existing[0]} exists (pass --overwrite to replace it)")
+        for fmt, path in targets.items():
+            lora_io.save_adapters(path, adapters, expert, fmt=fmt)
+            print(f"wrote {path} ({fmt}: {len(adapters)} adapters, rank {expert.rank}, alpha {expert.alpha:g}, "
+                  f"from {where})")
+    except (ExportError, lora_io.LoRAFileError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
