@@ -13,6 +13,9 @@ _LOADERS = {
     "load_wan_vae": "converters.wan_vae",
     "load_umt5": "converters.umt5",
     "load_wan_clip": "converters.clip",
+    "load_flux_vae": "converters.flux_vae",
+    "load_t5": "converters.umt5",
+    "load_clip_text": "converters.clip_text",
 }
 
 __all__ = ["ConversionError", "CheckpointError", "UnsafeCheckpointError", *_LOADERS]
