@@ -9,7 +9,7 @@ from launch import sample_flux
 def test_tiny_cli_writes_a_png(tmp_path, capsys):
     out = tmp_path / "img" / "fox.png"
     rc = sample_flux.main(["--prompt", "a red fox", "--out", str(out), "--model", "tiny", "--steps", "2",
-                           "--height", "32", "--width", "48", "--cache", "", "--dtype", "f32"])
+                           "--height", "32", "--width", "48", "--cache", str(tmp_path / "cache"), "--dtype", "f32"])
     assert rc == 0
     image = np.asarray(Image.open(out))
     assert image.shape == (32, 48, 3) and image.dtype == np.uint8 and image.std() > 0
