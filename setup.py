@@ -33,5 +33,8 @@ setup(
         # PyTorch references for parity tests and for reading .pth checkpoints (weights-only). Pinned to the
         # release whose CPU wheel the machines provide (pip prefers 2.13.0+cpu); a newer one pulls CUDA wheels.
         "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest>=8", "chex", "ruff"],
+        # The PyTorch references of launch/parity.py (transformers is already required). Unpinned: on a GPU
+        # machine the CUDA build of torch that is already there is the one to use.
+        "parity": ["torch", "diffusers>=0.42.1"],
     },
 )

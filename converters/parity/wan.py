@@ -466,7 +466,7 @@ def clip_inputs(ref, size, seed):
 def clip_run_torch(ref, inp, dtype, device, sink):
     import torch
 
-    vm = ref.vision_model
+    vm = getattr(ref, "vision_model", ref)  # transformers 5 flattened the wrapper
     hook = vm.embeddings.register_forward_hook(lambda _, __, out: sink("embed", _np(out)))
     try:
         pixels = torch.from_numpy(inp["pixels"]).permute(0, 3, 1, 2).to(device, dtype)
