@@ -60,7 +60,9 @@ Sink = Callable[[str, np.ndarray], None]
 class Adapter:
     """What parity needs to know about one model kind.
 
-    reference(source, device) -> torch module (f32, eval) built by the ecosystem's loader from `source`.
+    reference(source, device, config) -> torch module (f32, eval) built by the ecosystem's loader from `source`;
+      `config` (a dict or None) supplies what the weights cannot tell (e.g. {"num_heads": 12} for an in-memory
+      Wan state dict), as a config.json beside the files would.
     inputs(ref, size, seed) -> {name: numpy array}: seeded inputs at `size` (the tuple `parse_size` returns).
     run_torch(ref, inputs, dtype, device, sink): forward pass calling sink(stage, numpy array) in stage order.
     run_jax(model, inputs, dtype, sink): the omnijax model's public pieces, calling sink with the same names.
@@ -152,7 +154,8 @@ def _host_peak_gb() -> float:
 
 def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None = None, dtype: str = "f32",
                size: str | None = None, device: str = "cpu", seed: int = 0, f32_tol: float = F32_TOL,
-               k: float = BF16_K, log: Callable[[str], None] = lambda s: None) -> dict:
+               k: float = BF16_K, reference_config: dict | None = None,
+               log: Callable[[str], None] = lambda s: None) -> dict:
     """Runs the reference, then the omnijax model, and returns the report (see the module docstring).
 
     Args:
@@ -163,6 +166,7 @@ def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None =
       dtype: "f32" or "bf16" (compute and storage on both sides).
       size: the kind's input size string (Adapter.size_help); None for its default.
       device: "cpu" or "gpu".
+      reference_config: passed to the adapter's reference builder (see Adapter).
     Returns:
       the report dict: "stages" (list, forward order), "output", "first_failure" (a stage name or None), "ok",
       timings and peak memory.
@@ -194,7 +198,7 @@ def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None =
     # ---- 1. the PyTorch reference: f32 states to the host, then (bf16) its own bf16 error, then release ----
     t0 = time.perf_counter()
     log(f"building the PyTorch reference ({kind}) on {tdev}")
-    ref = ad.reference(source, tdev)
+    ref = ad.reference(source, tdev, reference_config)
     inputs = ad.inputs(ref, shape, seed)
     ref_states: dict[str, np.ndarray] = {}
     order: list[str] = []

@@ -162,7 +162,7 @@ def _dit_kwargs(sd: Mapping, cfg: dict) -> dict:
     return kw
 
 
-def dit_reference(source, device):
+def dit_reference(source, device, config=None):
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -173,7 +173,7 @@ def dit_reference(source, device):
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
         sd = convert_wan_transformer_to_diffusers(dict(sd))
-    return _build(WanTransformer3DModel, _dit_kwargs(sd, _read_config(source)), sd, device)
+    return _build(WanTransformer3DModel, _dit_kwargs(sd, {**_read_config(source), **(config or {})}), sd, device)
 
 
 def dit_inputs(ref, size, seed):
@@ -271,7 +271,7 @@ def dit_run_jax(model, inp, dtype, sink):
 
 # ---- wan_vae ----------------------------------------------------------------------------------------------------
 
-def vae_reference(source, device):
+def vae_reference(source, device, config=None):
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -379,7 +379,7 @@ def _transformers_dir(source, what: str, example: str):
     return source
 
 
-def umt5_reference(source, device):
+def umt5_reference(source, device, config=None):
     import torch
     from transformers import UMT5EncoderModel
 
@@ -444,7 +444,7 @@ def umt5_run_jax(model, inp, dtype, sink):
 
 # ---- wan_clip ---------------------------------------------------------------------------------------------------
 
-def clip_reference(source, device):
+def clip_reference(source, device, config=None):
     import torch
     from transformers import CLIPVisionModel
 
