@@ -30,6 +30,10 @@ MODEL_KINDS = {
     "wan_vae": ("omnijax.models.wan.vae:WanVAE", "omnijax.models.wan.vae:VAEConfig"),
     "umt5": ("omnijax.models.wan.umt5:UMT5Encoder", "omnijax.models.wan.umt5:UMT5Config"),
     "wan_clip": ("omnijax.models.wan.clip:CLIPVisionTower", "omnijax.models.wan.clip:CLIPVisionConfig"),
+    "flux_dit": ("omnijax.models.flux.dit:FluxDiT", "omnijax.models.flux.variants:FluxConfig"),
+    "flux_vae": ("omnijax.models.flux.vae:FluxVAE", "omnijax.models.flux.vae:FluxVAEConfig"),
+    "t5": ("omnijax.models.wan.umt5:UMT5Encoder", "omnijax.models.wan.umt5:UMT5Config"),
+    "clip_l": ("omnijax.models.flux.clip_text:CLIPTextModel", "omnijax.models.flux.clip_text:CLIPTextConfig"),
 }
 
 
