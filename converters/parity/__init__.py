@@ -21,8 +21,9 @@ produced, the module is deleted and the accelerator cache emptied before the JAX
 runs stage by stage (one jitted call per block) and compares each stage on the host as it arrives, so device
 memory holds one framework's model and one stage's activations at a time (a 14B DiT fits one GPU).
 
-Adding a kind is one `Adapter` in a module listed in `_ADAPTER_MODULES` (converters/parity/wan.py has the Wan
-kinds).
+Adding a kind is one `Adapter` in a module listed in `_ADAPTER_MODULES`: converters/parity/wan.py has the Wan
+kinds (wan_dit, wan_vae, umt5, wan_clip), converters/parity/flux.py the Flux ones (t5, clip_l, flux_vae; flux_dit
+is still to come).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ BF16_K = 2.0
 BF16_FLOOR = 2.0 ** -8
 INSTALL_HINT = "pip install 'omnijax[parity]'  (or: pip install torch diffusers transformers)"
 
-_ADAPTER_MODULES = ("converters.parity.wan",)
+_ADAPTER_MODULES = ("converters.parity.wan", "converters.parity.flux")
 
 
 class MissingReference(ImportError):

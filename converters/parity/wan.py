@@ -428,16 +428,20 @@ def _apply(m, x):
     return m(x)
 
 
-def _umt5_block(blk, x, key_mask):
-    return blk(x, key_mask)
+def _umt5_block(blk, x, key_mask, bias):
+    return blk(x, key_mask, bias)
 
 
 def umt5_run_jax(model, inp, dtype, sink):
+    """Also T5 v1.1 (kind t5): its blocks after the first reuse layer 0's position bias, as the encoder does."""
     x = call(model.token_embedding, _apply, inp["ids"])
     sink("token_embedding", np.asarray(x, np.float32))
     key_mask = inp["mask"] != 0
+    bias = None
     for i, blk in enumerate(model.blocks):
-        x = call(blk, _umt5_block, x, key_mask)
+        if blk.attn.pos_embedding is not None:
+            bias = blk.attn.position_bias(inp["ids"].shape[1])
+        x = call(blk, _umt5_block, x, key_mask, bias)
         sink(f"blocks.{i}", np.asarray(x, np.float32))
     sink("output", np.asarray(call(model.norm, _apply, x), np.float32))
 
