@@ -52,7 +52,8 @@ def _args(argv, kinds):
         f"{k}: {a.size_help}, default {a.default_size}" for k, a in sorted(kinds.items())))
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--f32-tol", type=float, default=None, help="rel. L2 bound in f32 (default 1e-5)")
+    p.add_argument("--f32-tol", type=float, default=None,
+                   help="rel. L2 bound in f32 (default: the kind's, 1e-5; flux_dit 1e-4)")
     p.add_argument("--bf16-k", type=float, default=None, help="bf16 bound as a multiple of torch's own bf16 error")
     p.add_argument("--out", required=True, help="report .json (a .png of the per-stage error is written beside it)")
     return p.parse_args(argv)

@@ -9,7 +9,10 @@ error exceeds the tolerance is named.
 
 Tolerances (`tolerance_for`):
   f32   rel. L2 <= F32_TOL (1e-5: the parity tests' bound). The reference runs with TF32 off, JAX with matmul
-        precision "highest".
+        precision "highest". flux_dit allows 1e-4: its timestep and guidance sinusoids take arguments up to
+        1000 and 3500 rad, where float32 rounding of the frequencies alone moves the embedding by ~1e-5 relative
+        in either framework (measured on a tiny model: the modulation vector 1.7e-5 apart with guidance 4, 7.5e-6
+        without guidance).
   bf16  as close as PyTorch is to itself: the reference also runs in bf16 (cast as its own loader casts it, so
         diffusers' `_keep_in_fp32_modules` stay f32), and at each stage
             rel_l2(JAX bf16, torch f32) <= BF16_K * max(rel_l2(torch bf16, torch f32), BF16_FLOOR)
@@ -22,8 +25,7 @@ runs stage by stage (one jitted call per block) and compares each stage on the h
 memory holds one framework's model and one stage's activations at a time (a 14B DiT fits one GPU).
 
 Adding a kind is one `Adapter` in a module listed in `_ADAPTER_MODULES`: converters/parity/wan.py has the Wan
-kinds (wan_dit, wan_vae, umt5, wan_clip), converters/parity/flux.py the Flux ones (t5, clip_l, flux_vae; flux_dit
-is still to come).
+kinds (wan_dit, wan_vae, umt5, wan_clip), converters/parity/flux.py the Flux ones (flux_dit, t5, clip_l, flux_vae).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Adapter:
     inputs(ref, size, seed) -> {name: numpy array}: seeded inputs at `size` (the tuple `parse_size` returns).
     run_torch(ref, inputs, dtype, device, sink): forward pass calling sink(stage, numpy array) in stage order.
     run_jax(model, inputs, dtype, sink): the omnijax model's public pieces, calling sink with the same names.
+    f32_tol: the kind's f32 bound when the 1e-5 class does not hold for a documented reason (flux_dit).
     """
 
     kind: str
@@ -77,6 +80,7 @@ class Adapter:
     inputs: Callable
     run_torch: Callable
     run_jax: Callable
+    f32_tol: float = F32_TOL
 
 
 def adapters() -> dict[str, Adapter]:
@@ -154,7 +158,7 @@ def _host_peak_gb() -> float:
 
 
 def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None = None, dtype: str = "f32",
-               size: str | None = None, device: str = "cpu", seed: int = 0, f32_tol: float = F32_TOL,
+               size: str | None = None, device: str = "cpu", seed: int = 0, f32_tol: float | None = None,
                k: float = BF16_K, reference_config: dict | None = None,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """Runs the reference, then the omnijax model, and returns the report (see the module docstring).
@@ -167,6 +171,7 @@ def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None =
       dtype: "f32" or "bf16" (compute and storage on both sides).
       size: the kind's input size string (Adapter.size_help); None for its default.
       device: "cpu" or "gpu".
+      f32_tol: the f32 bound; None for the kind's (Adapter.f32_tol, normally F32_TOL). k: the bf16 multiple.
       reference_config: passed to the adapter's reference builder (see Adapter).
     Returns:
       the report dict: "stages" (list, forward order), "output", "first_failure" (a stage name or None), "ok",
@@ -180,6 +185,7 @@ def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None =
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be cpu or gpu, got {device!r}")
     ad = kinds[kind]
+    f32_tol = ad.f32_tol if f32_tol is None else f32_tol
     shape = ad.parse_size(size or ad.default_size)
     torch = require_torch()
     tdev = "cuda" if device == "gpu" else "cpu"

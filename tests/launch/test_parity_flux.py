@@ -1,11 +1,30 @@
-"""launch/parity.py on tiny random Flux-pipeline checkpoints (transformers / diffusers folders written here): T5,
-CLIP-L and the Flux VAE within tolerance; a corrupted block of a converted folder is the first stage named."""
+"""launch/parity.py on tiny random Flux-pipeline checkpoints (transformers / diffusers folders written here): the
+Flux DiT, T5, CLIP-L and the Flux VAE within tolerance; a corrupted block of a converted folder is the first stage
+named."""
 
 import pytest
 
 from tests.launch.test_parity import _assert_first_failure, _assert_within, _convert, _corrupt, _run
+from tests.models.flux.refs import diffusers_flux
 from tests.models.flux.test_text_encoders import hf_clip_text, hf_t5
 from tests.models.flux.test_vae import hf_vae
+
+
+def test_flux_dit_bf16_then_corrupted_double_block(tmp_path, capsys):
+    diffusers_flux(guidance=True).save_pretrained(tmp_path / "transformer")
+    common = ["--kind", "flux_dit", "--source", str(tmp_path / "transformer"), "--size", "1x48x80", "--dtype", "bf16"]
+    rc, rep = _run(tmp_path, "ok", *common)
+    assert rc == 0
+    _assert_within(rep)
+    assert [r["stage"] for r in rep["stages"]] == ["img_in", "vec", "txt_in", "double_blocks.0", "double_blocks.1",
+                                                   "single_blocks.0", "single_blocks.1"]
+    assert rep["output"]["torch_bf16_rel_l2"] < 0.02  # the reference's own bf16 error is not its rounded timestep
+    capsys.readouterr()
+    bad = _corrupt(_convert(tmp_path / "transformer", "flux_dit", tmp_path / "conv"), tmp_path / "bad", "flux_dit",
+                   "double_blocks.1.txt_mlp.linear_2.kernel", scale=1.5)  # bf16: a fault well above rounding
+    rc, rep = _run(tmp_path, "bad", *common, "--converted", bad)
+    assert rc == 1
+    _assert_first_failure(rep, "double_blocks.1", capsys)
 
 
 def test_t5_then_corrupted_block(tmp_path, capsys):
