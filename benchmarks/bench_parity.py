@@ -5,10 +5,10 @@ wall time and peak memory of the command.
   python benchmarks/bench_parity.py --tiny          # CPU dry run: tiny DiT, 5x32x48
 Writes $OUT/bench_parity.json (both reports, wall times) and $OUT/parity_{f32,bf16}.png.
 
-The weights are diffusers' own random init of WanTransformer3DModel at the Fun-InP dims, saved in the original
-Wan / VideoX-Fun key format (one safetensors file + config.json), so both sides read them the way they read the
-published checkpoint: diffusers through its single-file converter, omnijax through converters.load_wan_dit.
-Each dtype runs launch/parity.py in its own process, so peak-memory counters start from zero.
+The weights are diffusers' own random init of WanTransformer3DModel at the Fun-InP dims, saved as a diffusers
+folder (save_pretrained: config.json + safetensors), which diffusers reads with from_pretrained and omnijax with
+converters.load_wan_dit. (Original-format files take diffusers' single-file converter instead; the tests cover
+that path.) Each dtype runs launch/parity.py in its own process, so peak-memory counters start from zero.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from benchmarks.common import emit  # noqa: E402
-from tests.converters.test_wan_dit import to_wan_names  # noqa: E402
 from tests.torch_refs import diffusers_wan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,17 +36,14 @@ TINY = dict(dim=64, heads=2, layers=2, ffn=128, text_dim=32, image_dim=32, freq_
 
 
 def write_random_dit(path: str, dims: dict, device: str) -> float:
-    """Random 1.3B Fun-InP (or tiny) weights in the original key format; returns the seconds it took."""
+    """Random 1.3B Fun-InP (or tiny) weights as a diffusers folder (f32); returns the seconds it took."""
     t = time.perf_counter()
     torch.manual_seed(0)
     ref = diffusers_wan(i2v=True, device=device, **dims)
-    state = {k: v.detach().cpu().contiguous() for k, v in to_wan_names(ref.state_dict()).items()}
+    ref.save_pretrained(path, safe_serialization=True, max_shard_size="20GB")
     del ref
-    os.makedirs(path, exist_ok=True)
-    save_file(state, os.path.join(path, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"_class_name": "WanModel", "model_type": "i2v", "dim": dims["dim"], "num_heads": dims["heads"],
-                   "num_layers": dims["layers"], "ffn_dim": dims["ffn"], "in_dim": 36, "out_dim": 16}, f)
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return time.perf_counter() - t
 
 

@@ -200,7 +200,7 @@ def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None =
                   tolerance=dict(rule="rel_l2 <= f32_tol" if dtype == "f32" else
                                  "rel_l2(jax bf16, torch f32) <= k * max(rel_l2(torch bf16, torch f32), floor)",
                                  f32_tol=f32_tol, k=k, floor=BF16_FLOOR),
-                  versions=dict(torch=torch.__version__))
+                  versions={m: importlib.import_module(m).__version__ for m in ("torch", "diffusers", "transformers")})
 
     # ---- 1. the PyTorch reference: f32 states to the host, then (bf16) its own bf16 error, then release ----
     t0 = time.perf_counter()
