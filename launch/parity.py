@@ -60,6 +60,7 @@ def _args(argv, kinds):
 
 
 def main(argv=None) -> int:
+    import converters
     from converters import parity
 
     kinds = parity.adapters()
@@ -83,14 +84,22 @@ def main(argv=None) -> int:
     except parity.MissingReference as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (parity.ReferenceBuildError, ValueError, FileNotFoundError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (parity.ReferenceBuildError, converters.ConversionError, converters.CheckpointError, ValueError,
+            FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     report["wall_s"] = round(time.perf_counter() - t0, 2)
+    if args.converted:
+        from omnijax.checkpoint import read_header
+
+        report["converted_param_dtypes"] = read_header(args.converted).get("param_dtypes")
     png = os.path.splitext(args.out)[0] + ".png"
     report["plot"] = png
     _write_json(args.out, report)
     parity.plot(report, png)
+    if args.dtype == "f32" and "bfloat16" in (report.get("converted_param_dtypes") or []):
+        print("note: the converted folder stores bf16 weights, so f32 parity cannot hold; compare it with --dtype "
+              "bf16, or convert with launch/convert.py --param-dtype f32")
     print(parity.summary_table(report))
     print(f"wall {report['wall_s']} s (torch {report['torch_s']} s, jax {report['jax_s']} s); report {args.out}")
     return 0 if report["ok"] else 1
