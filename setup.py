@@ -36,5 +36,8 @@ setup(
         # loaders need it (tests load exported LoRA files through them).
         "test": ["torch==2.13.0", "diffusers==0.42.1", "peft==0.21.2", "pytest>=8", "chex", "ruff",
                  "scikit-image>=0.24"],
+        # The PyTorch references of launch/parity.py (transformers is already required). Unpinned: on a GPU
+        # machine the CUDA build of torch that is already there is the one to use.
+        "parity": ["torch", "diffusers>=0.42.1"],
     },
 )
