@@ -1,8 +1,9 @@
 """PyTorch -> Flax weight conversion: one engine (engine.py), one key table per model (tables/).
 
-Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip. Each takes a path or a
-mapping name -> array and returns (config, model). Imports are lazy so that one model's loader does not
-pull in the others.
+Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip, and load_casper_wan_dit
+(EasyOmnimatte's base: a Fun-InP DiT plus Casper's transformer file or LoRA, converters/casper.py). Each
+takes a path or a mapping name -> array and returns (config, model). Imports are lazy so that one model's
+loader does not pull in the others.
 """
 
 from converters.engine import ConversionError
@@ -13,6 +14,7 @@ _LOADERS = {
     "load_wan_vae": "converters.wan_vae",
     "load_umt5": "converters.umt5",
     "load_wan_clip": "converters.clip",
+    "load_casper_wan_dit": "converters.casper",
 }
 
 __all__ = ["ConversionError", "CheckpointError", "UnsafeCheckpointError", *_LOADERS]
