@@ -1,9 +1,10 @@
 """PyTorch -> Flax weight conversion: one engine (engine.py), one key table per model (tables/).
 
-Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip, load_flux_dit, load_flux_vae,
-load_t5 (T5 v1.1), load_clip_text (CLIP-L text). Each takes a path or a mapping name -> array and returns
-(config, model). Imports are lazy so that one model's loader does not
-pull in the others.
+Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip, load_casper_wan_dit
+(EasyOmnimatte's base: a Fun-InP DiT plus Casper's transformer file or LoRA, converters/casper.py),
+load_flux_dit, load_flux_vae, load_t5 (T5 v1.1), load_clip_text (CLIP-L text). Each takes a path or a mapping
+name -> array and returns (config, model). Imports are lazy so that one model's loader does not pull in the
+others.
 """
 
 from converters.engine import ConversionError
@@ -18,6 +19,7 @@ _LOADERS = {
     "load_flux_vae": "converters.flux_vae",
     "load_t5": "converters.umt5",
     "load_clip_text": "converters.clip_text",
+    "load_casper_wan_dit": "converters.casper",
 }
 
 __all__ = ["ConversionError", "CheckpointError", "UnsafeCheckpointError", *_LOADERS]

@@ -127,6 +127,14 @@ class _ArrayMapping(Mapping):
         return len(self._d)
 
 
+def unwrap_state_dict(obj):
+    """{"state_dict": weights, ...} -> weights: training checkpoints (and Casper's .pth files) wrap the weights
+    this way, and VideoX-Fun's loaders unwrap that key before load_state_dict. Anything else passes through."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        return obj["state_dict"]
+    return obj
+
+
 def load_torch_pickle(path: str) -> Mapping:
     """Weights-only torch.load; refuses pickles that need arbitrary code."""
     import pickle
@@ -147,8 +155,7 @@ def load_torch_pickle(path: str) -> Mapping:
             f"(torch said: {str(e).splitlines()[0]})") from e
     except (RuntimeError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # training checkpoints wrap the weights (as VideoX-Fun's loader unwraps)
+    obj = unwrap_state_dict(obj)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return _ArrayMapping(obj)
@@ -157,7 +164,7 @@ def load_torch_pickle(path: str) -> Mapping:
 def open_checkpoint(source) -> Mapping:
     """A path (file or directory) or a mapping -> lazy {key: numpy array}."""
     if isinstance(source, Mapping):
-        return _ArrayMapping(source)
+        return _ArrayMapping(unwrap_state_dict(source))
     path = os.fspath(source)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")

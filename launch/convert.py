@@ -2,6 +2,13 @@
 
   python launch/convert.py --source /ckpt/Wan2.1-Fun-1.3B-InP --kind wan_dit --out /ckpt/omnijax/wan_dit_1.3b_inp
 
+EasyOmnimatte's base is Casper (paper §4), a Fun-InP DiT plus Casper's weights (converters/casper.py):
+  python launch/convert.py --kind wan_dit --source /ckpt/Wan2.1-Fun-1.3B-InP \
+      --casper /ckpt/casper/wan2.1_1.3b_transformer.safetensors --out /ckpt/omnijax/casper_1.3b
+  python launch/convert.py --kind wan_dit --source /ckpt/Wan2.1-Fun-14B-InP \
+      --casper-lora /ckpt/casper/wan2.1_14b_lora.safetensors --out /ckpt/omnijax/casper_14b
+The plain Fun-InP base (no --casper) is the paper's appendix-E ablation.
+
 Sources: a .safetensors file, a directory of (sharded) safetensors, or a .pth (opened weights-only; other pickles
 are refused). The key format (original Wan / VideoX-Fun, diffusers, ComfyUI-prefixed) is detected. The output
 directory appears only once complete; restore it with `omnijax.checkpoint.load_pretrained(DIR)`.
@@ -33,7 +40,16 @@ def main(argv=None) -> int:
     p.add_argument("--param-dtype", default="bf16", choices=sorted(DTYPES),
                    help="storage dtype of the weights (f32 islands stay f32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--casper", help="wan_dit only: Casper's fine-tuned transformer file (1.3B, VideoX-Fun keys, "
+                                    ".safetensors or .pth) replacing --source's weights")
+    p.add_argument("--casper-lora",
+                   help="wan_dit only: Casper's LoRA (14B, kohya/VideoX-Fun names) merged into --source")
+    p.add_argument("--lora-weight", type=float, default=1.0, help="multiplier of --casper-lora (Casper uses 1.0)")
     args = p.parse_args(argv)
+    casper = args.casper or args.casper_lora
+    if casper and args.kind != "wan_dit":
+        print(f"error: --casper / --casper-lora apply to --kind wan_dit, not {args.kind}", file=sys.stderr)
+        return 2
     assert set(LOADERS) == set(MODEL_KINDS)
     if os.path.exists(args.out) and not args.overwrite:
         print(f"error: {args.out} exists (pass --overwrite to replace it)", file=sys.stderr)
@@ -42,11 +58,20 @@ def main(argv=None) -> int:
     try:
         load = getattr(converters, LOADERS[args.kind])
         dt = DTYPES[args.param_dtype]
-        config, model = load(args.source, dtype=dt, param_dtype=dt, progress=True)
+        if casper:
+            config, model = converters.load_casper_wan_dit(args.source, args.casper, args.casper_lora,
+                                                           lora_weight=args.lora_weight, dtype=dt, param_dtype=dt,
+                                                           progress=True)
+        else:
+            config, model = load(args.source, dtype=dt, param_dtype=dt, progress=True)
     except (converters.ConversionError, converters.CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = save_pretrained(args.out, model, args.kind, overwrite=args.overwrite, source=os.path.abspath(args.source))
+    extra = {k: os.path.abspath(v) for k, v in (("casper", args.casper), ("casper_lora", args.casper_lora)) if v}
+    if args.casper_lora:
+        extra["lora_weight"] = args.lora_weight
+    out = save_pretrained(args.out, model, args.kind, overwrite=args.overwrite, source=os.path.abspath(args.source),
+                          **extra)
     print(f"wrote {out} ({args.kind}, {type(config).__name__}) in {time.time() - t0:.1f}s")
     return 0
 

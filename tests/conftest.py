@@ -10,3 +10,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def example_clip(tmp_path_factory):
+    """The repository's own example clip (data/example_clip.py), small: 11 frames (not 4k+1, so the decompose
+    CLI pads it), 96x160, two objects with shadows. Returns its folder."""
+    from data.example_clip import write_example
+
+    return write_example(str(tmp_path_factory.mktemp("example") / "two_objects"), frames=11, height=96, width=160)
