@@ -41,3 +41,9 @@ def torch_forward(ref, x: dict, guidance: bool = True) -> np.ndarray:
                   timestep=t(x["timesteps"]), img_ids=t(x["img_ids"]), txt_ids=t(x["txt_ids"]),
                   guidance=t(x["guidance"]) if guidance else None, return_dict=False)[0]
     return out.numpy()
+
+
+def omnijax_forward(model, x: dict, lora=None) -> np.ndarray:
+    """FluxDiT's BFL call on the inputs of `inputs()`, the LoRA (if any) on every token."""
+    return np.asarray(model(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"],
+                            lora=lora))
