@@ -439,29 +439,35 @@ def load_lora(source, model, *, strict: bool = True):
     tensors, meta = read_lora_file(source) if isinstance(source, str) else (source, {})
     fmt, entries, _ = lora_entries(tensors, meta, strict=strict)
     lora = _branch_lora(model)
-    expected = dict(_modules(lora))
-    extra = sorted(set(entries) - set(expected))
-    missing = sorted(set(expected) - set(entries))
+    fill_adapters(dict(_modules(lora)), entries, f"{fmt} LoRA file", f"the expert {lora.expert.name!r}")
+    return model
+
+
+def fill_adapters(adapters: Mapping, entries: Mapping, source: str, target: str):
+    """Writes parsed entries {slot: {"a", "b", "alpha"}} into adapters {slot: omnijax.layers.lora.LoRA}.
+
+    The entries must be exactly the adapters' slots with the same shapes; an alpha that differs from the adapter's
+    is folded into B in f64 (the delta stays the same function, and unfolding a folded bf16 file is exact). Every
+    check runs before the first write. `source` / `target` name the two sides in error messages.
+    """
+    extra = sorted(set(entries) - set(adapters), key=str)
+    missing = sorted(set(adapters) - set(entries), key=str)
     if extra or missing:
-        raise LoRAFileError(f"{fmt} LoRA file does not match the expert {lora.expert.name!r}: "
-                            f"adapters not in the model {extra[:10]}, adapters missing from the file {missing[:10]}")
+        raise LoRAFileError(f"{source} does not match {target}: adapters not in the model {extra[:10]}, "
+                            f"adapters missing from the file {missing[:10]}")
     updates = []
-    for key, ad in expected.items():
-        e = entries[key]
+    for slot, ad in adapters.items():
+        e, a_var, b_var = entries[slot], ad.lora_a, ad.lora_b
         if e["a"].shape[1] != ad.rank:
-            raise LoRAFileError(f"block {key[0]} {key[1]}: file rank {e['a'].shape[1]}, model rank {ad.rank}")
-        a_var, b_var = ad.lora_a, ad.lora_b
+            raise LoRAFileError(f"{_slot_str(slot)}: file rank {e['a'].shape[1]}, model rank {ad.rank}")
         if e["a"].shape != a_var.get_value().shape or e["b"].shape != b_var.get_value().shape:
-            raise LoRAFileError(f"block {key[0]} {key[1]}: file shapes {e['a'].shape}/{e['b'].shape}, model "
+            raise LoRAFileError(f"{_slot_str(slot)}: file shapes {e['a'].shape}/{e['b'].shape}, model "
                                 f"{a_var.get_value().shape}/{b_var.get_value().shape}")
-        b = e["b"]
-        if e["alpha"] != ad.alpha:  # in f64, so that unfolding a folded file returns the trained bf16 values
-            b = b.astype(np.float64) * (e["alpha"] / ad.alpha)
+        b = e["b"] if e["alpha"] == ad.alpha else e["b"].astype(np.float64) * (e["alpha"] / ad.alpha)
         updates.append((ad, jnp.asarray(e["a"], a_var.get_value().dtype), jnp.asarray(b, b_var.get_value().dtype)))
-    for ad, a, b in updates:  # all checks passed: now write
+    for ad, a, b in updates:
         ad.lora_a.set_value(a)
         ad.lora_b.set_value(b)
-    return model
 
 
 def lora_keys(model, fmt: str) -> list[str]:

@@ -31,8 +31,15 @@ from flax import nnx
 
 from omnijax.models.flux.lora import DOUBLE_TARGETS, SINGLE_TARGETS, TOP_TARGETS, FluxLoRA, split_path, target_dims
 from omnijax.models.flux.variants import FluxConfig
-from omnijax.omnimatte.lora_io import (LoRAFileError, Naming, adapters_to_tensors, read_lora_file,
-                                       tensors_to_adapters, write_tensors)
+from omnijax.omnimatte.lora_io import (
+    LoRAFileError,
+    Naming,
+    adapters_to_tensors,
+    fill_adapters,
+    read_lora_file,
+    tensors_to_adapters,
+    write_tensors,
+)
 
 _MAX_BLOCKS = 64  # name tables cover block indices below this (Flux has 19 and 38)
 
@@ -178,20 +185,5 @@ def load_flux_lora(source, config: FluxConfig, *, lora: FluxLoRA | None = None, 
     if lora is None:
         spec = {p: (e["a"].shape[1], e["alpha"]) for p, e in entries.items()}
         lora = FluxLoRA(config, spec, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    adapters = lora.adapters()
-    extra, missing = sorted(set(entries) - set(adapters)), sorted(set(adapters) - set(entries))
-    if extra or missing:
-        raise LoRAFileError(f"{fmt} LoRA file does not match the adapters: not in the model {extra[:10]}, "
-                            f"missing from the file {missing[:10]}")
-    updates = []
-    for path, ad in adapters.items():
-        e = entries[path]
-        if e["a"].shape[1] != ad.rank:
-            raise LoRAFileError(f"{path}: file rank {e['a'].shape[1]}, model rank {ad.rank}")
-        b = e["b"] if e["alpha"] == ad.alpha else e["b"].astype(np.float64) * (e["alpha"] / ad.alpha)
-        updates.append((ad, jnp.asarray(e["a"], ad.lora_a.get_value().dtype),
-                        jnp.asarray(b, ad.lora_b.get_value().dtype)))
-    for ad, a, b in updates:
-        ad.lora_a.set_value(a)
-        ad.lora_b.set_value(b)
+    fill_adapters(lora.adapters(), entries, f"{fmt} LoRA file", "the Flux LoRA's adapters")
     return lora
