@@ -20,7 +20,14 @@ from omnijax.models.flux import FluxLoRA, lora_spec, variant
 from omnijax.models.flux.lora import DOUBLE_TARGETS, IMAGE_STREAM_TARGETS, SINGLE_TARGETS, TOP_TARGETS
 from omnijax.models.flux.lora_files import lora_tensors, save_flux_lora
 from tests.converters.test_flux_dit import to_bfl
-from tests.models.flux.refs import diffusers_flux, inputs, omnijax_forward, torch_forward
+from tests.models.flux.refs import (
+    diffusers_flux,
+    diffusers_flux_from,
+    flux_pipeline,
+    inputs,
+    omnijax_forward,
+    torch_forward,
+)
 from tests.omnimatte.test_lora_ecosystems import comfy_patches
 from tests.torch_refs import rel_err, to_numpy_state
 
@@ -59,28 +66,13 @@ def stress(base, tmp_path_factory):
     return paths, x, want, lora
 
 
-def _torch_model(state):
-    model = diffusers_flux(True)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    return model.eval()
-
-
 def test_diffusers_model_level_load(base, stress):
     paths, x, want, _ = stress
-    model = _torch_model(base[0])
+    model = diffusers_flux_from(base[0])
     model.load_lora_adapter(paths["peft"])  # the documented call: a file path, nothing else
     assert len(model.peft_config) == 1
     got = torch_forward(model, x)
     assert rel_err(got, want) <= 1e-5, rel_err(got, want)
-
-
-def _pipeline(transformer):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    # No VAE, tokenizers or text encoders: they would need downloaded files and play no part in loading a
-    # transformer LoRA.
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
 @pytest.mark.parametrize("fmt", ["peft", "diffusers"])
@@ -88,7 +80,7 @@ def test_diffusers_pipeline_level_load(base, stress, fmt):
     """Both files load at the right scale: peft with alpha/r folded into lora_B, diffusers with alpha = 7 kept in
     the adapter metadata."""
     paths, x, want, lora = stress
-    pipe = _pipeline(_torch_model(base[0]))
+    pipe = flux_pipeline(diffusers_flux_from(base[0]))
     pipe.load_lora_weights(paths[fmt])
     cfg = next(iter(pipe.transformer.peft_config.values()))
     assert cfg.r == 4 and cfg.lora_alpha == (4 if fmt == "peft" else 7)

@@ -10,7 +10,7 @@ from converters import load_flux_dit
 from omnijax.models.flux import FluxDiT, FluxLoRA, lora_spec, variant
 from omnijax.models.flux.lora import DOUBLE_TARGETS, SINGLE_TARGETS, TOP_TARGETS
 from omnijax.models.flux.lora_files import FORMATS, LoRAFileError, load_flux_lora, lora_tensors, save_flux_lora
-from tests.models.flux.refs import diffusers_flux, inputs, torch_forward
+from tests.models.flux.refs import diffusers_flux, diffusers_flux_from, flux_pipeline, inputs, torch_forward
 from tests.torch_refs import rel_err, to_numpy_state
 
 # PEFT module-name regex (full match): every adaptable Linear except the top-level proj_out / norm_out.
@@ -56,6 +56,16 @@ def test_peft_lora_saved_by_diffusers_matches_diffusers(tmp_path):
     save_flux_lora(str(tmp_path / "back.safetensors"), lora, fmt="diffusers")
     back = load_flux_lora(str(tmp_path / "back.safetensors"), cfg)
     _assert_same(lora, back)
+    split = lora_tensors(lora, "diffusers")[0]  # each part of a block-diagonal adapter keeps its own rank
+    assert split["transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight"].shape == (4, 64)
+    # Mixed ranks and alphas, split from block-diagonal adapters, through diffusers' own pipeline loader: the
+    # diffusers file (alphas in rank_pattern / alpha_pattern metadata) and the peft file (alpha/r folded into B).
+    for fmt in ("diffusers", "peft"):
+        save_flux_lora(str(tmp_path / f"{fmt}.safetensors"), lora, fmt=fmt)
+        pipe = flux_pipeline(diffusers_flux_from(base_sd))
+        pipe.load_lora_weights(str(tmp_path / f"{fmt}.safetensors"))
+        got = torch_forward(pipe.transformer, x)
+        assert rel_err(got, want) <= 1e-5, (fmt, rel_err(got, want))
 
 
 def _assert_same(a: FluxLoRA, b: FluxLoRA):
