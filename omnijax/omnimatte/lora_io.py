@@ -39,13 +39,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from omnijax.conditioning import write_safetensors
 from omnijax.omnimatte.branch import BranchLoRA, EasyOmnimatte
 from omnijax.omnimatte.experts import TARGETS, ExpertConfig
 
@@ -209,20 +209,8 @@ def adapters_to_tensors(adapters: Mapping, fmt: str, naming: Naming, *, info: Ma
 
 
 def write_tensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]):
-    """Writes safetensors atomically (a temporary file in the same folder, then rename)."""
-    from safetensors.flax import save_file
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lora-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: jnp.asarray(v) for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes safetensors atomically (a temporary `.lora-…` file in the same folder, then rename)."""
+    write_safetensors(path, {k: np.asarray(v) for k, v in tensors.items()}, metadata, tmp_prefix=".lora-")
 
 
 def read_lora_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
