@@ -1,4 +1,4 @@
-"""Branch-LoRA files: safetensors in four namings, all spelled from one name table per backbone.
+"""LoRA files: safetensors in the namings other tools load, all spelled from one name table per backbone.
 
 Formats (shared/spec/wan.md §2.3; which tool loads which file: README, "LoRA files"):
   "omnijax": `blocks.{i}.{group}.{name}.lora_a` [I, R] and `.lora_b` [R, O] (our layout); alpha in the metadata.
@@ -21,9 +21,10 @@ Formats (shared/spec/wan.md §2.3; which tool loads which file: README, "LoRA fi
              `merge_lora` and diffusers' Wan pipelines read this naming too.
   "bfl":     the backbone's original module names with `.lora_A.weight` / `.lora_B.weight` (BFL's Flux LoRAs).
 Formats without alpha tensors or PEFT metadata (omnijax, bfl) keep each module's alpha as JSON `omnijax_alphas`.
-Every format also carries the expert config (rank, alpha, blocks, targets, mask) as JSON metadata `omnijax_lora`.
-Round trips are exact for bf16 adapters (the folded peft B is stored in f32). Loading checks every key: unknown
-names, missing adapters, rank and shape mismatches raise LoRAFileError naming them. Files are written atomically.
+A Wan file also carries its expert config (rank, alpha, blocks, targets, mask) as JSON metadata `omnijax_lora`.
+Round trips are exact, except the folded peft B of f32 adapters (rounded once; bf16 ones are exact, stored in
+f32). Loading checks every key: unknown names, missing adapters, rank and shape mismatches raise LoRAFileError
+naming them. Files are written atomically.
 
 Backbones: a `Naming` lists a backbone's adapter slots and spells each slot in the formats it supports. The
 generic functions (`adapters_to_tensors`, `tensors_to_adapters`, `save_adapters`) take a Naming; the Wan functions
