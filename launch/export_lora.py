@@ -2,10 +2,12 @@
 
   python launch/export_lora.py --source /runs/effect --format comfy --format peft --out /exports
   python launch/export_lora.py --source lora_effect_omnijax.safetensors --format comfy --out effect_comfy.safetensors
+  python launch/export_lora.py --source flux_lora.safetensors --format peft --format comfy --out /exports   # Flux
 
 --source: a training workdir (its checkpoints/), a checkpoints directory, one step directory (checkpoints/<step>),
-or a LoRA file in any format omnijax reads. From checkpoints the latest step is used unless --step is given; the
-adapters are the checkpoint's params and the expert config (rank, alpha, blocks, targets, mask) its metadata.
+or a LoRA file in any format omnijax reads (a Wan expert's or a Flux LoRA's). From checkpoints the latest step is
+used unless --step is given; the adapters are the checkpoint's params and the expert config (rank, alpha, blocks,
+targets, mask) its metadata.
 --out: a .safetensors path (one --format) or a directory that gets lora_<expert>_<format>.safetensors. Every file
 is written atomically; an existing one is kept unless --overwrite.
 """
@@ -66,12 +68,33 @@ def read_checkpoint(path: str, step: int | None = None) -> tuple[dict, ExpertCon
     return lora_io.params_adapters({k: np.asarray(v) for k, v in params.items()}, expert), expert, step
 
 
-def read_file(path: str, mask: str | None) -> tuple[dict, ExpertConfig]:
-    """(adapters, expert) of a LoRA file; `mask` only where the file does not state its expert."""
+def read_flux_file(tensors: dict, meta: dict) -> dict | None:
+    """The adapters {module path: {"a", "b", "alpha"}} of a Flux LoRA file (None: not one)."""
+    from omnijax.models.flux.lora_files import FLUX_NAMING
+
+    try:
+        return lora_io.tensors_to_adapters(tensors, meta, naming=FLUX_NAMING)[1]
+    except lora_io.LoRAFileError as e:
+        if "not a flux LoRA file" in str(e):
+            return None
+        raise
+
+
+def read_file(path: str, mask: str | None) -> tuple[dict, ExpertConfig | None]:
+    """(adapters, expert) of a LoRA file; `mask` only where the file does not state its expert. A Flux LoRA file
+    has no expert (None)."""
     import numpy as np
 
     tensors, meta = lora_io.read_lora_file(path)
-    _, adapters, _ = lora_io.lora_entries(tensors, meta)
+    try:
+        _, adapters, _ = lora_io.lora_entries(tensors, meta)
+    except lora_io.LoRAFileError as e:
+        adapters = read_flux_file(tensors, meta) if "not a wan LoRA file" in str(e) else None
+        if adapters is None:
+            raise
+        if not adapters:
+            raise ExportError(f"{path} holds no Flux LoRA adapters") from e
+        return adapters, None
     if not adapters:
         raise ExportError(f"{path} holds no branch-LoRA adapters")
     expert = lora_io.expert_from_lora(path, mask=mask, name=None)
@@ -94,8 +117,8 @@ def _targets(out: str, formats: list[str], name: str) -> dict[str, str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, help="training workdir, checkpoints dir, step dir, or LoRA file")
-    p.add_argument("--format", action="append", required=True, choices=lora_io.FORMATS, dest="formats",
-                   help="output naming (repeat for several)")
+    p.add_argument("--format", action="append", required=True, choices=tuple(lora_io.FILE_FORMATS), dest="formats",
+                   help="output naming (repeat for several; diffusers and bfl for Flux LoRAs only)")
     p.add_argument("--out", required=True, help="output .safetensors file (one format) or directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--mask", choices=("A", "B", "C"), default=None,
@@ -112,15 +135,27 @@ def main(argv=None) -> int:
             where = f"{args.source} step {step}"
         else:
             raise ExportError(f"no file or directory at {args.source}")
-        name = args.name or (expert.name if expert.name and expert.name != "loaded" else "expert")
-        targets = _targets(args.out, list(dict.fromkeys(args.formats)), name)
+        if expert is None:  # a Flux LoRA
+            from omnijax.models.flux.lora_files import FLUX_NAMING as naming
+
+            name = args.name or "flux"
+            ranks = sorted({ad["a"].shape[1] for ad in adapters.values()})
+            what = f"ranks {ranks}"
+        else:
+            naming = lora_io.WAN_NAMING
+            name = args.name or (expert.name if expert.name and expert.name != "loaded" else "expert")
+            what = f"rank {expert.rank}, alpha {expert.alpha:g}"
+        formats = list(dict.fromkeys(args.formats))
+        bad = [f for f in formats if f not in naming.formats]
+        if bad:
+            raise ExportError(f"{naming.backbone} LoRAs have no {bad[0]} format; choose from {naming.formats}")
+        targets = _targets(args.out, formats, name)
         existing = [t for t in targets.values() if os.path.exists(t)]
         if existing and not args.overwrite:
             raise ExportError(f"{existing[0]} exists (pass --overwrite to replace it)")
         for fmt, path in targets.items():
-            lora_io.save_adapters(path, adapters, expert, fmt=fmt)
-            print(f"wrote {path} ({fmt}: {len(adapters)} adapters, rank {expert.rank}, alpha {expert.alpha:g}, "
-                  f"from {where})")
+            lora_io.save_adapters(path, adapters, expert, fmt=fmt, naming=naming)
+            print(f"wrote {path} ({fmt}: {len(adapters)} adapters, {what}, from {where})")
     except (ExportError, lora_io.LoRAFileError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

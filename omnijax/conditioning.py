@@ -38,8 +38,9 @@ class CacheError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 # Minimal safetensors I/O (one or a few float tensors + string metadata).
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    """Writes `tensors` to `path` atomically (temporary file in the same directory, then rename)."""
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, *,
+                      tmp_prefix: str = ".tmp-"):
+    """Writes `tensors` to `path` atomically (temporary file `tmp_prefix`… in the same directory, then rename)."""
     header, blobs, offset = {}, [], 0
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
@@ -56,7 +57,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
     head += b" " * (-len(head) % 8)  # the format aligns the data section to 8 bytes
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, suffix=".safetensors", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(head)) + head)

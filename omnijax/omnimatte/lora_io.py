@@ -1,4 +1,4 @@
-"""Branch-LoRA files: safetensors in four namings, all spelled from one name table per backbone.
+"""LoRA files: safetensors in the namings other tools load, all spelled from one name table per backbone.
 
 Formats (shared/spec/wan.md §2.3; which tool loads which file: README, "LoRA files"):
   "omnijax": `blocks.{i}.{group}.{name}.lora_a` [I, R] and `.lora_b` [R, O] (our layout); alpha in the metadata.
@@ -8,21 +8,30 @@ Formats (shared/spec/wan.md §2.3; which tool loads which file: README, "LoRA fi
              `load_lora_weights` do, so a folded file is the only one both load at the same, right scale.
              `lora_adapter_metadata` is written the way diffusers' own `save_lora_weights` writes it: keys prefixed
              by the pipeline component (`transformer.r`, `transformer.lora_alpha`, `transformer.target_modules`,
-             the last as full module paths so that PEFT adapts exactly the file's modules).
+             the last as full module paths so that PEFT adapts exactly the file's modules; modules whose rank
+             differs from the most common one are listed in `rank_pattern` / `alpha_pattern`).
+  "diffusers": the peft naming as diffusers' own `save_lora_weights` writes it: lora_B unscaled, each module's rank
+             and alpha only in the prefixed adapter metadata (r, lora_alpha, rank_pattern, alpha_pattern). Lossless;
+             diffusers' pipelines load it at the right scale, its model-level `load_lora_adapter(path)` at alpha = r.
   "kohya":   VideoX-Fun / kohya naming, `lora_unet__blocks_{i}_self_attn_q.lora_down.weight` [R, I],
              `.lora_up.weight` [O, R] and `.alpha` (0-d); module paths in the original Wan names.
   "comfy":   ComfyUI's own naming, `diffusion_model.blocks.{i}.self_attn.q.lora_down.weight` / `.lora_up.weight` /
              `.alpha`: ComfyUI maps every `diffusion_model.<module>` of its Wan model, for any subset of blocks
              (it recognises the "kohya" file only when block 0's cross-attention k is in it). VideoX-Fun's
              `merge_lora` and diffusers' Wan pipelines read this naming too.
-Every format also carries the expert config (rank, alpha, blocks, targets, mask) as JSON metadata `omnijax_lora`.
-Round trips are exact for bf16 adapters (the folded peft B is stored in f32). Loading checks every key: unknown
-names, missing adapters, rank and shape mismatches raise LoRAFileError naming them. Files are written atomically.
+  "bfl":     the backbone's original module names with `.lora_A.weight` / `.lora_B.weight` (BFL's Flux LoRAs).
+Formats without alpha tensors or PEFT metadata (omnijax, bfl) keep each module's alpha as JSON `omnijax_alphas`.
+A Wan file also carries its expert config (rank, alpha, blocks, targets, mask) as JSON metadata `omnijax_lora`.
+Round trips are exact, except the folded peft B of f32 adapters (rounded once; bf16 ones are exact, stored in
+f32). Loading checks every key: unknown names, missing adapters, rank and shape mismatches raise LoRAFileError
+naming them. Files are written atomically.
 
-Backbones: a `Naming` lists a backbone's adapter slots and spells each slot in every format. The generic functions
-(`adapters_to_tensors`, `tensors_to_adapters`, `write_tensors`) take a Naming; the Wan functions below pass
-WAN_NAMING. Another backbone (Flux) adds its own Naming and a function that collects its adapters as
-{slot: {"a": [I, R], "b": [R, O], "alpha": float}}; formats, metadata and checks are shared.
+Backbones: a `Naming` lists a backbone's adapter slots and spells each slot in the formats it supports. The
+generic functions (`adapters_to_tensors`, `tensors_to_adapters`, `save_adapters`) take a Naming; the Wan functions
+below pass WAN_NAMING, omnijax.models.flux.lora_files passes FLUX_NAMING. Adapters are
+{slot: {"a": [I, R], "b": [R, O], "alpha": float}}; formats, metadata and checks are shared. A slot may be spelled
+as several modules in a format (Flux's fused qkv is q, k and v in diffusers): the Naming's `split` hook cuts one
+adapter into per-module adapters for writing and its `fuse` hook joins them back when reading.
 """
 
 from __future__ import annotations
@@ -31,17 +40,19 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from omnijax.conditioning import write_safetensors
 from omnijax.omnimatte.branch import BranchLoRA, EasyOmnimatte
 from omnijax.omnimatte.experts import TARGETS, ExpertConfig
 
 _META_OURS = "omnijax_lora"
 _META_PEFT = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+_META_ALPHAS = "omnijax_alphas"  # {module name: alpha} where no alpha tensor or PEFT metadata holds it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +63,18 @@ class FileFormat:
     up: str  # suffix of B / lora_up
     alpha: str | None  # suffix of a 0-d alpha tensor; None: alpha in the metadata
     torch_layout: bool  # A stored [R, I] and B [O, R] (else ours: [I, R] and [R, O])
+    peft_meta: bool = False  # ranks and alphas in diffusers' `lora_adapter_metadata`
+    fold_alpha: bool = False  # alpha/R multiplied into B, the file declares alpha = R
 
 
 _KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+_PEFT_SUFFIXES = ("lora_A.weight", "lora_B.weight", None)
 FILE_FORMATS = {"omnijax": FileFormat("lora_a", "lora_b", None, False),
-                "peft": FileFormat("lora_A.weight", "lora_B.weight", None, True),
+                "peft": FileFormat(*_PEFT_SUFFIXES, True, peft_meta=True, fold_alpha=True),
+                "diffusers": FileFormat(*_PEFT_SUFFIXES, True, peft_meta=True),
                 "kohya": FileFormat(*_KOHYA_SUFFIXES, True),
-                "comfy": FileFormat(*_KOHYA_SUFFIXES, True)}
-FORMATS = tuple(FILE_FORMATS)
+                "comfy": FileFormat(*_KOHYA_SUFFIXES, True),
+                "bfl": FileFormat(*_PEFT_SUFFIXES, True)}
 
 
 class LoRAFileError(ValueError):
@@ -67,31 +82,42 @@ class LoRAFileError(ValueError):
 
 
 class Naming:
-    """One backbone's adapter names: every slot (a hashable key such as (block, target)) spelled in every format.
+    """One backbone's adapter names: every slot (a hashable key such as (block, target)) spelled in its formats.
 
     Args:
       backbone: name for messages ("wan").
       slots: every adapter slot the backbone can have.
-      spell: {format: slot -> module name}; the peft spelling starts with `component + "."`.
+      spell: {format: slot -> module name, or a tuple of names when the format splits the slot's kernel}; the peft
+        and diffusers spellings start with `component + "."`.
       component: the diffusers pipeline component the peft file loads into (its metadata prefix).
+      split: (slot, a [I, R], b [R, O]) -> [(a_j, b_j)] one adapter per module of a split slot (same scale).
+      fuse: (slot, {part: (a, b, alpha)}, n_parts) -> {"a", "b", "alpha"}, the inverse of `split` when reading.
     """
 
-    def __init__(self, backbone: str, slots: Iterable[Hashable], spell: Mapping[str, Callable[[Hashable], str]],
-                 component: str = "transformer"):
-        missing = [f for f in FORMATS if f not in spell]
-        if missing:
-            raise ValueError(f"naming {backbone!r} spells no module names for formats {missing}")
-        self.backbone, self.slots, self.spell, self.component = backbone, tuple(slots), dict(spell), component
-        self._tables: dict[str, dict[str, Hashable]] = {}
+    def __init__(self, backbone: str, slots: Iterable[Hashable], spell: Mapping[str, Callable[[Hashable], object]],
+                 component: str = "transformer", split: Callable | None = None, fuse: Callable | None = None):
+        unknown = [f for f in spell if f not in FILE_FORMATS]
+        if unknown:
+            raise ValueError(f"naming {backbone!r} spells unknown formats {unknown}; known: {tuple(FILE_FORMATS)}")
+        self.backbone, self.slots, self.component = backbone, tuple(slots), component
+        self.spell, self.split, self.fuse = dict(spell), split, fuse
+        self.formats = tuple(f for f in FILE_FORMATS if f in self.spell)
+        self._tables: dict[str, dict[str, tuple[Hashable, int]]] = {}
 
-    def name(self, fmt: str, slot) -> str:
-        return self.spell[fmt](slot)
+    def names(self, fmt: str, slot) -> tuple[str, ...]:
+        names = self.spell[fmt](slot)
+        return (names,) if isinstance(names, str) else tuple(names)
 
-    def table(self, fmt: str) -> dict[str, Hashable]:
-        """{module name in `fmt`: slot}."""
+    def table(self, fmt: str) -> dict[str, tuple[Hashable, int]]:
+        """{module name in `fmt`: (slot, part index)}."""
         if fmt not in self._tables:
-            self._tables[fmt] = {self.name(fmt, s): s for s in self.slots}
+            self._tables[fmt] = {n: (s, j) for s in self.slots for j, n in enumerate(self.names(fmt, s))}
         return self._tables[fmt]
+
+    def check(self, fmt: str) -> FileFormat:
+        if fmt not in self.formats:
+            raise ValueError(f"unknown {self.backbone} LoRA format {fmt!r}; choose one of {self.formats}")
+        return FILE_FORMATS[fmt]
 
 
 # ------------------------------------------------------------------------------------------------------ Wan
@@ -118,15 +144,30 @@ WAN_NAMING = Naming(
      # VideoX-Fun names modules "lora_unet" + "." + (root name "") + "." + path, dots to underscores: two underscores.
      "kohya": lambda s: "lora_unet__" + _wan(s).replace(".", "_"),
      "comfy": lambda s: "diffusion_model." + _wan(s)})
+FORMATS = WAN_NAMING.formats
 
 
 # ------------------------------------------------------------------------------------------------------ generic
 
 
-def _spec(fmt: str) -> FileFormat:
-    if fmt not in FILE_FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {FORMATS}")
-    return FILE_FORMATS[fmt]
+def _most_common(values: Mapping[str, float]):
+    """The value most modules have (ties: the first module's by name), as PEFT's `r` / `lora_alpha` beside the
+    patterns."""
+    ordered = [v for _, v in sorted(values.items())]
+    counts = Counter(ordered)
+    return max(counts, key=lambda v: (counts[v], -ordered.index(v)))
+
+
+def _peft_metadata(ranks: Mapping[str, int], alphas: Mapping[str, float], prefix: str) -> str:
+    """diffusers' `lora_adapter_metadata` (keys prefixed by the pipeline component) for these modules."""
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    meta = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks)}
+    # "^" anchors each pattern at the module path's start, as diffusers writes its inferred patterns.
+    if any(v != r for v in ranks.values()):
+        meta["rank_pattern"] = {f"^{m}": v for m, v in ranks.items() if v != r}
+    if any(v != alpha for v in alphas.values()):
+        meta["alpha_pattern"] = {f"^{m}": v for m, v in alphas.items() if v != alpha}
+    return json.dumps({prefix + k: v for k, v in meta.items()}, sort_keys=True)
 
 
 def adapters_to_tensors(adapters: Mapping, fmt: str, naming: Naming, *, info: Mapping | None = None
@@ -134,53 +175,43 @@ def adapters_to_tensors(adapters: Mapping, fmt: str, naming: Naming, *, info: Ma
     """({key: array}, metadata) of `adapters` {slot: {"a": [I, R], "b": [R, O], "alpha": float}} in format `fmt`.
 
     `info` (JSON-able, e.g. the expert config) is kept in the metadata under "omnijax_lora". Arrays keep their
-    dtype, except a peft B whose scale is folded in (stored in at least f32 so that reading it back is exact).
+    dtype, except a folded peft B (stored in at least f32, so that reading a bf16 adapter back is exact).
     """
-    spec = _spec(fmt)
-    out, ranks = {}, set()
+    spec = naming.check(fmt)
+    out, ranks, alphas = {}, {}, {}
     for slot, ad in adapters.items():
-        mod = naming.name(fmt, slot)
+        names = naming.names(fmt, slot)
         a, b, alpha = np.asarray(ad["a"]), np.asarray(ad["b"]), float(ad["alpha"])
-        rank = a.shape[1]
-        ranks.add(rank)
-        if fmt == "peft" and alpha != rank:
-            b = b.astype(np.float64) * (alpha / rank)
-            b = b.astype(np.result_type(ad["b"].dtype, np.float32))
-        if spec.torch_layout:
-            a, b = a.T, b.T
-        out[f"{mod}.{spec.down}"], out[f"{mod}.{spec.up}"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
-        if spec.alpha:
-            out[f"{mod}.{spec.alpha}"] = np.asarray(alpha, np.float32)
+        scale = alpha / a.shape[1]
+        pieces = naming.split(slot, a, b) if len(names) > 1 else [(a, b)]
+        for mod, (pa, pb) in zip(names, pieces, strict=True):
+            rank = pa.shape[1]
+            piece_alpha = scale * rank  # a piece keeps its adapter's scale alpha/R at its own rank
+            if spec.fold_alpha and piece_alpha != rank:
+                pb = (pb.astype(np.float64) * scale).astype(np.result_type(pb.dtype, np.float32))
+                piece_alpha = float(rank)
+            if spec.torch_layout:
+                pa, pb = pa.T, pb.T
+            out[f"{mod}.{spec.down}"], out[f"{mod}.{spec.up}"] = np.ascontiguousarray(pa), np.ascontiguousarray(pb)
+            if spec.alpha:
+                out[f"{mod}.{spec.alpha}"] = np.asarray(piece_alpha, np.float32)
+            ranks[mod], alphas[mod] = rank, piece_alpha
     # PyTorch-layout files say "pt" like torch's own safetensors writers; our format name goes in its own key.
     meta = {"format": "pt" if spec.torch_layout else "flax", "omnijax_format": fmt}
     if info is not None:
         meta[_META_OURS] = json.dumps(dict(info))
-    if fmt == "peft" and adapters:
-        if len(ranks) != 1:
-            raise ValueError(f"a peft file needs one rank for all adapters, got {sorted(ranks)}")
-        rank = ranks.pop()
+    if spec.peft_meta and ranks:
         prefix = naming.component + "."
-        modules = sorted(naming.name(fmt, s).removeprefix(prefix) for s in adapters)
-        meta[_META_PEFT] = json.dumps({f"{prefix}r": rank, f"{prefix}lora_alpha": rank,
-                                       f"{prefix}target_modules": modules})
+        meta[_META_PEFT] = _peft_metadata({m.removeprefix(prefix): r for m, r in ranks.items()},
+                                          {m.removeprefix(prefix): v for m, v in alphas.items()}, prefix)
+    elif not spec.alpha and ranks:
+        meta[_META_ALPHAS] = json.dumps(alphas, sort_keys=True)
     return out, meta
 
 
 def write_tensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]):
-    """Writes safetensors atomically (a temporary file in the same folder, then rename)."""
-    from safetensors.flax import save_file
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lora-", suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: jnp.asarray(v) for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes safetensors atomically (a temporary `.lora-…` file in the same folder, then rename)."""
+    write_safetensors(path, {k: np.asarray(v) for k, v in tensors.items()}, metadata, tmp_prefix=".lora-")
 
 
 def read_lora_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -207,67 +238,84 @@ def _split_key(fmt, key):
 
 
 def detect_format(keys, naming: Naming | None = None) -> str:
-    """The LoRA naming (one of FORMATS) of a file's keys."""
+    """The LoRA naming (one of the naming's formats) of a file's keys; a peft-named file reads as "peft"."""
     naming = naming or WAN_NAMING
     keys = list(keys)
-    for fmt in FORMATS:
+    for fmt in naming.formats:
         table = naming.table(fmt)
         if any(_split_key(fmt, k)[0] in table for k in keys):
             return fmt
-    raise LoRAFileError(f"not a {naming.backbone} LoRA file in a known format {FORMATS}; first keys: {keys[:5]}")
+    raise LoRAFileError(f"not a {naming.backbone} LoRA file in a known format {naming.formats}; "
+                        f"first keys: {keys[:5]}")
 
 
-def _metadata_alpha(fmt: str, metadata: Mapping[str, str], naming: Naming) -> float | None:
-    """The file-wide alpha its metadata declares (None: not declared)."""
-    if fmt == "omnijax" and _META_OURS in metadata:
-        return float(json.loads(metadata[_META_OURS])["alpha"])
-    if fmt == "peft" and _META_PEFT in metadata:
-        peft = json.loads(metadata[_META_PEFT])
+def _alpha_reader(fmt: str, metadata: Mapping[str, str], naming: Naming) -> Callable[[str], float | None]:
+    """module name -> the alpha the file's metadata declares for it (None: not declared)."""
+    if _META_ALPHAS in metadata:
+        alphas = json.loads(metadata[_META_ALPHAS])
+        return lambda mod: alphas.get(mod)
+    if FILE_FORMATS[fmt].peft_meta and _META_PEFT in metadata:
         prefix = naming.component + "."
         # diffusers prefixes the keys by the pipeline component; older omnijax files did not.
-        peft = {k.removeprefix(prefix): v for k, v in peft.items()}
-        if peft.get("alpha_pattern") or peft.get("rank_pattern"):
-            raise LoRAFileError("PEFT files with per-module alpha_pattern / rank_pattern are not supported")
-        if "lora_alpha" in peft:
-            return float(peft["lora_alpha"])
-    return None
+        peft = {k.removeprefix(prefix): v for k, v in json.loads(metadata[_META_PEFT]).items()}
+        default, pattern = peft.get("lora_alpha"), dict(peft.get("alpha_pattern") or {})
+
+        def peft_alpha(mod):  # PEFT's rule (peft.utils.other.get_pattern_key): the first key matching a suffix
+            mod = mod.removeprefix(prefix)
+            key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", mod)), None)
+            return float(pattern[key]) if key is not None else default
+        return peft_alpha
+    if _META_OURS in metadata and "alpha" in json.loads(metadata[_META_OURS]):  # Wan files before omnijax_alphas
+        alpha = float(json.loads(metadata[_META_OURS])["alpha"])
+        return lambda mod: alpha
+    return lambda mod: None
 
 
 def tensors_to_adapters(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, *,
                         naming: Naming | None = None, strict: bool = True):
     """Parses a file's tensors into {slot: {"a": [I, R], "b": [R, O], "alpha": float}} (our layout).
 
-    Returns (format, adapters, ignored keys). Unknown keys raise LoRAFileError unless `strict` is False. A file
-    that states no alpha has alpha = R (scale 1), as PEFT, ComfyUI and VideoX-Fun read it.
+    Returns (format, adapters, ignored keys). Unknown keys raise LoRAFileError unless `strict` is False. A module
+    whose alpha the file does not state has alpha = R (scale 1), as PEFT, ComfyUI and kohya read it. The modules of
+    a split slot are joined by the naming's `fuse` hook.
     """
     naming = naming or WAN_NAMING
     metadata = dict(metadata or {})
     fmt = detect_format(tensors.keys(), naming)
     table, spec = naming.table(fmt), FILE_FORMATS[fmt]
-    default_alpha = _metadata_alpha(fmt, metadata, naming)
-    slots = {spec.down: "a", spec.up: "b", spec.alpha: "alpha"}
-    entries: dict = {}
+    declared = _alpha_reader(fmt, metadata, naming)
+    field = {spec.down: "a", spec.up: "b", spec.alpha: "alpha"}
+    modules: dict[str, dict] = {}
     unknown = []
     for key, arr in tensors.items():
         mod, suffix = _split_key(fmt, key)
         if mod is None or mod not in table:
             unknown.append(key)
             continue
-        entries.setdefault(table[mod], {})[slots[suffix]] = arr
+        modules.setdefault(mod, {})[field[suffix]] = arr
     if unknown and strict:
         raise LoRAFileError(f"{len(unknown)} {fmt} LoRA keys name no {naming.backbone} adapter: {sorted(unknown)[:10]}")
-    for slot, e in entries.items():
+    parts: dict = {}
+    for mod, e in modules.items():
         if "a" not in e or "b" not in e:
-            raise LoRAFileError(f"{_slot_str(slot)}: the file has only {sorted(e)} (needs both matrices)")
+            raise LoRAFileError(f"{mod}: the file has only {sorted(e)} (needs both matrices)")
         a, b = np.asarray(e["a"]), np.asarray(e["b"])
         if spec.torch_layout:
             a, b = a.T, b.T
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise LoRAFileError(f"{_slot_str(slot)}: down/up shapes {a.shape} and {b.shape} do not chain")
+            raise LoRAFileError(f"{mod}: down/up shapes {a.shape} and {b.shape} do not chain")
         rank = a.shape[1]
-        alpha = float(np.asarray(e["alpha"], np.float64)) if "alpha" in e else (
-            default_alpha if default_alpha is not None else float(rank))
-        entries[slot] = {"a": a, "b": b, "alpha": alpha}
+        alpha = float(np.asarray(e["alpha"], np.float64).reshape(-1)[0]) if "alpha" in e else declared(mod)
+        slot, part = table[mod]
+        parts.setdefault(slot, {})[part] = (a, b, float(rank if alpha is None else alpha))
+    entries = {}
+    for slot, p in parts.items():
+        n = len(naming.names(fmt, slot))
+        if n == 1:
+            a, b, alpha = p[0]
+            entries[slot] = {"a": a, "b": b, "alpha": alpha}
+        else:
+            entries[slot] = naming.fuse(slot, p, n)
     return fmt, entries, unknown
 
 
@@ -322,7 +370,7 @@ def params_adapters(flat: Mapping[str, np.ndarray], expert: ExpertConfig) -> dic
 
 def lora_tensors(model, fmt: str = "omnijax") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """({key: array}, metadata) of the model's adapters in format `fmt`."""
-    _spec(fmt)
+    WAN_NAMING.check(fmt)
     lora = _branch_lora(model)
     return adapters_to_tensors(model_adapters(lora), fmt, WAN_NAMING, info=lora.expert.to_dict())
 
@@ -332,9 +380,13 @@ def save_lora(path: str, model, *, fmt: str = "omnijax"):
     write_tensors(path, *lora_tensors(model, fmt))
 
 
-def save_adapters(path: str, adapters: Mapping, expert: ExpertConfig, *, fmt: str):
-    """Writes Wan adapters {(block, target): {"a", "b", "alpha"}} (e.g. from a checkpoint) in format `fmt`."""
-    write_tensors(path, *adapters_to_tensors(adapters, fmt, WAN_NAMING, info=expert.to_dict()))
+def save_adapters(path: str, adapters: Mapping, expert: ExpertConfig | Mapping | None = None, *, fmt: str,
+                  naming: Naming | None = None):
+    """Writes adapters {slot: {"a": [I, R], "b": [R, O], "alpha"}} (e.g. from a checkpoint) in format `fmt`,
+    atomically. `naming`: the backbone's (default WAN_NAMING; FLUX_NAMING for {"double_blocks.3.img_attn.qkv": ...});
+    `expert`: an ExpertConfig or JSON-able record kept in the metadata."""
+    info = expert.to_dict() if isinstance(expert, ExpertConfig) else expert
+    write_tensors(path, *adapters_to_tensors(adapters, fmt, naming or WAN_NAMING, info=info))
 
 
 def lora_entries(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, *,
@@ -376,29 +428,35 @@ def load_lora(source, model, *, strict: bool = True):
     tensors, meta = read_lora_file(source) if isinstance(source, str) else (source, {})
     fmt, entries, _ = lora_entries(tensors, meta, strict=strict)
     lora = _branch_lora(model)
-    expected = dict(_modules(lora))
-    extra = sorted(set(entries) - set(expected))
-    missing = sorted(set(expected) - set(entries))
+    fill_adapters(dict(_modules(lora)), entries, f"{fmt} LoRA file", f"the expert {lora.expert.name!r}")
+    return model
+
+
+def fill_adapters(adapters: Mapping, entries: Mapping, source: str, target: str):
+    """Writes parsed entries {slot: {"a", "b", "alpha"}} into adapters {slot: omnijax.layers.lora.LoRA}.
+
+    The entries must be exactly the adapters' slots with the same shapes; an alpha that differs from the adapter's
+    is folded into B in f64 (the delta stays the same function, and unfolding a folded bf16 file is exact). Every
+    check runs before the first write. `source` / `target` name the two sides in error messages.
+    """
+    extra = sorted(set(entries) - set(adapters), key=str)
+    missing = sorted(set(adapters) - set(entries), key=str)
     if extra or missing:
-        raise LoRAFileError(f"{fmt} LoRA file does not match the expert {lora.expert.name!r}: "
-                            f"adapters not in the model {extra[:10]}, adapters missing from the file {missing[:10]}")
+        raise LoRAFileError(f"{source} does not match {target}: adapters not in the model {extra[:10]}, "
+                            f"adapters missing from the file {missing[:10]}")
     updates = []
-    for key, ad in expected.items():
-        e = entries[key]
+    for slot, ad in adapters.items():
+        e, a_var, b_var = entries[slot], ad.lora_a, ad.lora_b
         if e["a"].shape[1] != ad.rank:
-            raise LoRAFileError(f"block {key[0]} {key[1]}: file rank {e['a'].shape[1]}, model rank {ad.rank}")
-        a_var, b_var = ad.lora_a, ad.lora_b
+            raise LoRAFileError(f"{_slot_str(slot)}: file rank {e['a'].shape[1]}, model rank {ad.rank}")
         if e["a"].shape != a_var.get_value().shape or e["b"].shape != b_var.get_value().shape:
-            raise LoRAFileError(f"block {key[0]} {key[1]}: file shapes {e['a'].shape}/{e['b'].shape}, model "
+            raise LoRAFileError(f"{_slot_str(slot)}: file shapes {e['a'].shape}/{e['b'].shape}, model "
                                 f"{a_var.get_value().shape}/{b_var.get_value().shape}")
-        b = e["b"]
-        if e["alpha"] != ad.alpha:  # in f64, so that unfolding a folded file returns the trained bf16 values
-            b = b.astype(np.float64) * (e["alpha"] / ad.alpha)
+        b = e["b"] if e["alpha"] == ad.alpha else e["b"].astype(np.float64) * (e["alpha"] / ad.alpha)
         updates.append((ad, jnp.asarray(e["a"], a_var.get_value().dtype), jnp.asarray(b, b_var.get_value().dtype)))
-    for ad, a, b in updates:  # all checks passed: now write
+    for ad, a, b in updates:
         ad.lora_a.set_value(a)
         ad.lora_b.set_value(b)
-    return model
 
 
 def lora_keys(model, fmt: str) -> list[str]:

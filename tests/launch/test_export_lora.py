@@ -95,3 +95,33 @@ def test_errors_are_one_line(run, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert export_lora.main(["--source", str(bare), "--mask", "B", "--format", "comfy",
                              "--out", str(tmp_path / "b.safetensors")]) == 0
+
+
+def test_flux_file_converts_between_formats(run, tmp_path, capsys):
+    """A Flux LoRA file (no expert) converts to every Flux naming; a Wan file refuses a Flux-only naming."""
+    import jax.numpy as jnp
+
+    from omnijax.models.flux import FluxLoRA, lora_spec, variant
+    from omnijax.models.flux.lora_files import FORMATS, load_flux_lora, save_flux_lora
+
+    cfg = variant("tiny")
+    lora = FluxLoRA(cfg, lora_spec(cfg, 3, 5.0), rngs=nnx.Rngs(0))
+    for i, ad in enumerate(lora.adapters().values()):
+        ad.lora_b.set_value(jnp.full(ad.lora_b.get_value().shape, 0.1 * (i + 1), jnp.float32))
+    src = tmp_path / "flux_omnijax.safetensors"
+    save_flux_lora(str(src), lora)
+    out = tmp_path / "out"
+    formats = sum((["--format", f] for f in FORMATS), [])
+    assert export_lora.main(["--source", str(src), "--out", str(out)] + formats) == 0
+    for fmt in FORMATS:
+        back = load_flux_lora(str(out / f"lora_flux_{fmt}.safetensors"), cfg).adapters()
+        for k, ad in lora.adapters().items():  # the same delta (alpha/r)·A@B in every naming (peft: B rounded)
+            delta = [x.alpha / x.rank * np.asarray(x.lora_a.get_value(), np.float64) @ np.asarray(
+                x.lora_b.get_value(), np.float64) for x in (back[k], ad)]
+            np.testing.assert_allclose(*delta, rtol=1e-6, atol=1e-6 * np.abs(delta[1]).max(), err_msg=f"{fmt} {k}")
+    capsys.readouterr()
+    wan = tmp_path / "wan_omnijax.safetensors"
+    lora_io.save_lora(str(wan), run[1][5])
+    assert export_lora.main(["--source", str(wan), "--format", "bfl", "--out", str(tmp_path / "w.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no bfl format" in err and "\n" not in err, err

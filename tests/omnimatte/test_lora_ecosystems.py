@@ -171,24 +171,29 @@ COMFY_UP_DOWN = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "
 COMFY_ALPHA = ".alpha"
 
 
+def comfy_patches(lora, key_map):
+    """comfy/lora.py `load_lora` with a `model_lora_keys_unet` key map {lora name: target}: [(target, up, down,
+    alpha)] ComfyUI patches, and the keys it warns `lora key not loaded` about."""
+    patches, used = [], set()
+    for x, target in key_map.items():
+        alpha = lora.get(x + COMFY_ALPHA)
+        if alpha is not None:
+            used.add(x + COMFY_ALPHA)
+        for up, down in COMFY_UP_DOWN:
+            if x + up in lora:
+                patches.append((target, lora[x + up], lora[x + down], None if alpha is None else float(alpha)))
+                used |= {x + up, x + down}
+                break
+    return patches, sorted(set(lora) - used)
+
+
 def comfy_load(lora, linears):
     """{module path: (up, down, alpha)} ComfyUI patches, and the keys it warns `lora key not loaded` about."""
     if COMFY_WAN_FUN_SENTINEL in lora:
         old, new = COMFY_WAN_FUN_PREFIX
         lora = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in lora.items()}
-    patches, used = {}, set()
-    for path in linears:
-        for spell in COMFY_NAMES:
-            x = spell(path)
-            alpha = lora.get(x + COMFY_ALPHA)
-            if alpha is not None:
-                used.add(x + COMFY_ALPHA)
-            for up, down in COMFY_UP_DOWN:
-                if x + up in lora:
-                    patches[path] = (lora[x + up], lora[x + down], None if alpha is None else float(alpha))
-                    used |= {x + up, x + down}
-                    break
-    return patches, sorted(set(lora) - used)
+    patches, left = comfy_patches(lora, {spell(path): path for path in linears for spell in COMFY_NAMES})
+    return {path: tuple(rest) for path, *rest in patches}, left
 
 
 # VideoX-Fun, videox_fun/utils/lora_utils.py `merge_lora`: key normalisation, in order (the suffix rewrites are

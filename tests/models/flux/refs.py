@@ -41,3 +41,25 @@ def torch_forward(ref, x: dict, guidance: bool = True) -> np.ndarray:
                   timestep=t(x["timesteps"]), img_ids=t(x["img_ids"]), txt_ids=t(x["txt_ids"]),
                   guidance=t(x["guidance"]) if guidance else None, return_dict=False)[0]
     return out.numpy()
+
+
+def omnijax_forward(model, x: dict, lora=None) -> np.ndarray:
+    """FluxDiT's BFL call on the inputs of `inputs()`, the LoRA (if any) on every token."""
+    return np.asarray(model(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"], x["guidance"],
+                            lora=lora))
+
+
+def diffusers_flux_from(state: dict, guidance: bool = True):
+    """A tiny FluxTransformer2DModel holding `state` (numpy, diffusers names)."""
+    model = diffusers_flux(guidance)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return model.eval()
+
+
+def flux_pipeline(transformer):
+    """A FluxPipeline around `transformer`, without VAE, tokenizers or text encoders: they would need downloaded
+    files and play no part in loading a transformer LoRA."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)

@@ -10,7 +10,7 @@ from converters import load_flux_dit
 from omnijax.models.flux import FluxDiT, FluxLoRA, lora_spec, variant
 from omnijax.models.flux.lora import DOUBLE_TARGETS, SINGLE_TARGETS, TOP_TARGETS
 from omnijax.models.flux.lora_files import FORMATS, LoRAFileError, load_flux_lora, lora_tensors, save_flux_lora
-from tests.models.flux.refs import diffusers_flux, inputs, torch_forward
+from tests.models.flux.refs import diffusers_flux, diffusers_flux_from, flux_pipeline, inputs, torch_forward
 from tests.torch_refs import rel_err, to_numpy_state
 
 # PEFT module-name regex (full match): every adaptable Linear except the top-level proj_out / norm_out.
@@ -56,6 +56,16 @@ def test_peft_lora_saved_by_diffusers_matches_diffusers(tmp_path):
     save_flux_lora(str(tmp_path / "back.safetensors"), lora, fmt="diffusers")
     back = load_flux_lora(str(tmp_path / "back.safetensors"), cfg)
     _assert_same(lora, back)
+    split = lora_tensors(lora, "diffusers")[0]  # each part of a block-diagonal adapter keeps its own rank
+    assert split["transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight"].shape == (4, 64)
+    # Mixed ranks and alphas, split from block-diagonal adapters, through diffusers' own pipeline loader: the
+    # diffusers file (alphas in rank_pattern / alpha_pattern metadata) and the peft file (alpha/r folded into B).
+    for fmt in ("diffusers", "peft"):
+        save_flux_lora(str(tmp_path / f"{fmt}.safetensors"), lora, fmt=fmt)
+        pipe = flux_pipeline(diffusers_flux_from(base_sd))
+        pipe.load_lora_weights(str(tmp_path / f"{fmt}.safetensors"))
+        got = torch_forward(pipe.transformer, x)
+        assert rel_err(got, want) <= 1e-5, (fmt, rel_err(got, want))
 
 
 def _assert_same(a: FluxLoRA, b: FluxLoRA):
@@ -78,7 +88,7 @@ def trained():
     return cfg, lora
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "peft"])  # peft folds alpha/r: test_peft_file_folds_...
 def test_every_format_round_trips(trained, fmt, tmp_path):
     cfg, lora = trained
     path = str(tmp_path / f"{fmt}.safetensors")
@@ -87,6 +97,20 @@ def test_every_format_round_trips(trained, fmt, tmp_path):
     # The same file also fills an existing LoRA of that shape.
     target = FluxLoRA(cfg, dict(lora.spec), rngs=nnx.Rngs(5))
     _assert_same(lora, load_flux_lora(path, cfg, lora=target))
+
+
+def test_peft_file_folds_the_scale(trained, tmp_path):
+    """The peft file declares alpha = r per module and carries alpha/r in lora_B: read back, every fused adapter has
+    the same A and (alpha/r)·B up to one f32 rounding."""
+    cfg, lora = trained
+    path = str(tmp_path / "peft.safetensors")
+    save_flux_lora(path, lora, fmt="peft")
+    back = load_flux_lora(path, cfg).adapters()
+    for k, ad in lora.adapters().items():
+        assert (back[k].rank, back[k].alpha) == (ad.rank, float(ad.rank)), k
+        np.testing.assert_array_equal(back[k].lora_a.get_value(), ad.lora_a.get_value(), err_msg=k)
+        want = np.asarray(ad.lora_b.get_value(), np.float64) * ad.alpha / ad.rank
+        np.testing.assert_allclose(back[k].lora_b.get_value(), want, rtol=1e-7, atol=0, err_msg=k)
 
 
 def test_key_names_follow_each_format(trained):
