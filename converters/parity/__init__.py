@@ -12,7 +12,9 @@ Tolerances (`tolerance_for`):
         precision "highest". flux_dit allows 1e-4: its timestep and guidance sinusoids take arguments up to
         1000 and 3500 rad, where float32 rounding of the frequencies alone moves the embedding by ~1e-5 relative
         in either framework (measured on a tiny model: the modulation vector 1.7e-5 apart with guidance 4, 7.5e-6
-        without guidance).
+        without guidance). Likewise the Wan DiT's time-embedding stages (`Adapter.f32_stage_tol`) are allowed
+        1e-4: at 81x480x832 on an H200 its `time_embedding` was 1.05e-5 from diffusers' (t = 500; the blocks and
+        the output 1.1e-6 and 2.4e-6), the same sinusoid rounding, which the modulation then averages out.
   bf16  as close as PyTorch is to itself: the reference also runs in bf16 (cast as its own loader casts it, so
         diffusers' `_keep_in_fp32_modules` stay f32), and at each stage
             rel_l2(JAX bf16, torch f32) <= BF16_K * max(rel_l2(torch bf16, torch f32), BF16_FLOOR)
@@ -70,6 +72,7 @@ class Adapter:
     run_torch(ref, inputs, dtype, device, sink): forward pass calling sink(stage, numpy array) in stage order.
     run_jax(model, inputs, dtype, sink): the omnijax model's public pieces, calling sink with the same names.
     f32_tol: the kind's f32 bound when the 1e-5 class does not hold for a documented reason (flux_dit).
+    f32_stage_tol: {stage: f32 bound} for single stages with a documented reason (the Wan time embedding).
     """
 
     kind: str
@@ -81,6 +84,7 @@ class Adapter:
     run_torch: Callable
     run_jax: Callable
     f32_tol: float = F32_TOL
+    f32_stage_tol: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 def adapters() -> dict[str, Adapter]:
@@ -245,7 +249,8 @@ def run_parity(kind: str, source, *, load_jax: Callable, converted: str | None =
         if dtype == "bf16":
             row["torch_bf16_rel_l2"] = torch_bf16[name]["rel_l2"]
             row["torch_bf16_cosine"] = torch_bf16[name]["cosine"]
-        row["tolerance"] = tolerance_for(dtype, row.get("torch_bf16_rel_l2"), f32_tol=f32_tol, k=k)
+        row["tolerance"] = tolerance_for(dtype, row.get("torch_bf16_rel_l2"),
+                                         f32_tol=max(f32_tol, ad.f32_stage_tol.get(name, 0.0)), k=k)
         row["ok"] = bool(row["rel_l2"] <= row["tolerance"])
         rows[name] = row
 

@@ -501,7 +501,8 @@ def clip_run_jax(model, inp, dtype, sink):
 
 ADAPTERS = (
     Adapter("wan_dit", "81x480x832", "FRAMESxHEIGHTxWIDTH in pixels (4k+1 frames, multiples of 16)",
-            lambda s: _grid(s, 16, "wan_dit"), dit_reference, dit_inputs, dit_run_torch, dit_run_jax),
+            lambda s: _grid(s, 16, "wan_dit"), dit_reference, dit_inputs, dit_run_torch, dit_run_jax,
+            f32_stage_tol={"time_embedding": 1e-4, "time_projection": 1e-4}),  # sinusoid rounding (see __init__)
     Adapter("wan_vae", "17x256x256", "FRAMESxHEIGHTxWIDTH in pixels (4k+1 frames, multiples of 8)",
             lambda s: _grid(s, 8, "wan_vae"), vae_reference, vae_inputs, vae_run_torch, vae_run_jax),
     Adapter("umt5", "1x512", "BATCHxTOKENS", _tokens, umt5_reference, umt5_inputs, umt5_run_torch, umt5_run_jax),
