@@ -152,3 +152,19 @@ def _init_tiny(make, rules, mesh, print_fn):
     model = make()
     shd.shard_module(model, rules, mesh, print_fn=print_fn)
     return model
+
+
+def conditioner(cache_dir: str | None, *, text_encoder=None, image_encoder=None, tokenizer: str | None = None):
+    """An omnijax.conditioning.Conditioner over the embedding cache at `cache_dir` (None: no cache).
+
+    tokenizer: the umT5 tokenizer folder, or "tiny" for the tiny test tokenizer (built on first use).
+    """
+    from converters.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from omnijax.conditioning import Conditioner, EmbeddingCache
+
+    if tokenizer == "tiny":
+        tokenizer = os.path.join(cache_dir or os.path.expanduser("~/.cache/omnijax"), "tiny_tokenizer")
+        if not os.path.isdir(tokenizer):
+            build_tiny_tokenizer(tokenizer)
+    return Conditioner(EmbeddingCache(cache_dir) if cache_dir else None, text_encoder=text_encoder,
+                       image_encoder=image_encoder, tokenizer=load_tokenizer(tokenizer) if tokenizer else None)
