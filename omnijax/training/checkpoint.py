@@ -130,6 +130,15 @@ class Checkpointer:
         return self._manager.save(int(step), args=args, force=force)
 
     # --- restore
+    def metadata(self, step: int | None = None) -> dict | None:
+        """The JSON metadata {"step", "data_state", "rng_impl", "extra"} of checkpoint `step` (default: the latest),
+        read without touching the arrays (e.g. to compare settings before a restore); None without checkpoints."""
+        self._manager.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def _read(self, step: int, params_target: dict, opt_target: dict | None):
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         key_target = {"key": jax.ShapeDtypeStruct((2,) if meta["rng_impl"] is None else
