@@ -27,11 +27,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from omnijax.checkpoint import CheckpointError
 from omnijax.params import path_str
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model/optimizer it is restored into, or none exists."""
+class TrainingCheckpointError(CheckpointError):
+    """A training checkpoint does not fit the model/optimizer it is restored into, or the step does not exist."""
 
 
 @dataclasses.dataclass
@@ -149,7 +150,7 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit the target: {e}") from e
+            raise TrainingCheckpointError(f"checkpoint {self.directory}/{step} does not fit the target: {e}") from e
         return out, meta
 
     @staticmethod
@@ -172,7 +173,7 @@ class Checkpointer:
         if step is None:
             return None
         if step not in self.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+            raise TrainingCheckpointError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
         targets = {"params": _flat(nnx.state(model, self.wrt))}
         if optimizer is not None:
             targets["opt"] = _flat(nnx.state(optimizer))
@@ -197,7 +198,7 @@ class Checkpointer:
             return
         have, want = set(stored.keys()), set(targets)
         if have != want:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} item {item!r}: missing "
+            raise TrainingCheckpointError(f"checkpoint {self.directory}/{step} item {item!r}: missing "
                                   f"{sorted(want - have)[:10]}, unexpected {sorted(have - want)[:10]}")
 
     # --- lifecycle
