@@ -1,8 +1,8 @@
 """The EasyOmnimatte task: train one expert (Effect or Quality) on synthetic composites (tasks/__init__.py).
 
-Config keys read here: input.*, model.{variant, dtype, remat, attention}, model_init.{dit, vae, umt5, clip,
-tokenizer}, lora.*, expert.{name, k, analysis}, loss.{shift, max_abs_error}, sampler.{steps, tau},
-evals.export_formats, sharding_rules, seed.
+Config keys read here: input.*, model.{variant, dtype, remat, attention, context_method},
+model_init.{dit, vae, umt5, clip, tokenizer}, lora.*, expert.{name, k, analysis}, loss.{shift, max_abs_error},
+sampler.{steps, tau}, evals.export_formats, sharding_rules, seed.
 
 Input: pixel composites VAE-encoded inside the step (default), or with `input.latent_cache` the VAE posteriors
 written by launch/cache_latents.py (the encoder is then never run). Both paths end in
@@ -104,7 +104,7 @@ def build(config, mesh) -> Models:
     except ValueError as err:
         raise SetupError(str(err)) from None
     model = EasyOmnimatte(base, expert, lora_param_dtype=registry.dtype_of(config.lora.param_dtype),
-                          rngs=nnx.Rngs(config.seed))
+                          rngs=nnx.Rngs(config.seed), mesh=mesh, context_method=config.model.context_method)
     # The base is in place already; this places the new adapters and records every spec for the optimizer.
     sharding.shard_module(model, config.sharding_rules, mesh, print_fn=None)
     return Models(trainable=model, frozen=dict(vae=vae, conditioner=cond), signature=dict(expert=expert.to_dict()))
