@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from data.pipeline import fit_to_latent
+from omnijax.io.atomic import atomic_path, atomic_write
 
 Encoder = Callable[[np.ndarray], np.ndarray]
 LATENT_KEYS = ("z_video", "z_background", "z_alpha")
@@ -42,21 +42,12 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _write_npz(path: str, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def sample_path(out_dir: str, index: int) -> str:
@@ -177,3 +168,17 @@ def standin_encoder(video: np.ndarray, channels: int = 16) -> np.ndarray:
     pooled = np.concatenate([first, rest], 1)
     proj = np.cos(np.arange(c)[:, None] * (np.arange(channels)[None, :] + 1.0))  # fixed, full-rank for c=3
     return (pooled @ proj).astype(np.float32)
+
+
+def posterior_encoder(vae, *, mean_only: bool = False):
+    """Jitted host encoder of a WanVAE for `cache_latents`: video -> (normalised mean, logvar), or the mean alone."""
+    import jax
+
+    from omnijax.omnimatte.decompose import jit_module_fn
+
+    def posterior(vae, x):
+        mean, logvar = vae.posterior(x.astype(vae.dtype))
+        return mean if mean_only else (mean, logvar)
+
+    fn = jit_module_fn(vae, posterior)
+    return lambda x: jax.device_get(fn(x))

@@ -21,23 +21,17 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax.numpy as jnp  # noqa: E402
-
-import converters  # noqa: E402
-from launch.common import LOADERS  # noqa: E402
-from omnijax.checkpoint import MODEL_KINDS, save_pretrained  # noqa: E402
-
-DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "float32": jnp.float32}
+import converters
+from converters import registry
+from omnijax.checkpoint import save_pretrained
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, help="checkpoint file or directory")
-    p.add_argument("--kind", required=True, choices=sorted(LOADERS))
+    p.add_argument("--kind", required=True, choices=sorted(registry.MODEL_KINDS))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--param-dtype", default="bf16", choices=sorted(DTYPES),
+    p.add_argument("--param-dtype", default="bf16", choices=sorted(registry.DTYPES),
                    help="storage dtype of the weights (f32 islands stay f32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--casper", help="wan_dit only: Casper's fine-tuned transformer file (1.3B, VideoX-Fun keys, "
@@ -50,20 +44,18 @@ def main(argv=None) -> int:
     if casper and args.kind != "wan_dit":
         print(f"error: --casper / --casper-lora apply to --kind wan_dit, not {args.kind}", file=sys.stderr)
         return 2
-    assert set(LOADERS) == set(MODEL_KINDS)
     if os.path.exists(args.out) and not args.overwrite:
         print(f"error: {args.out} exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
     t0 = time.time()
     try:
-        load = getattr(converters, LOADERS[args.kind])
-        dt = DTYPES[args.param_dtype]
         if casper:
+            dt = registry.dtype_of(args.param_dtype)
             config, model = converters.load_casper_wan_dit(args.source, args.casper, args.casper_lora,
                                                            lora_weight=args.lora_weight, dtype=dt, param_dtype=dt,
                                                            progress=True)
         else:
-            config, model = load(args.source, dtype=dt, param_dtype=dt, progress=True)
+            config, model = registry.load(args.kind, args.source, dtype=args.param_dtype, progress=True)
     except (converters.ConversionError, converters.CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -21,25 +21,21 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # The reference and JAX share one GPU: JAX must not grab 75 % of it before torch has run and released its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from launch import common  # noqa: E402  (sets XLA flags first)
+from launch import common  # noqa: E402, F401  (sets XLA flags first)
+from converters import registry  # noqa: E402
+from omnijax.io.atomic import atomic_write  # noqa: E402
 
 
 def load_jax_model(kind: str, path: str, dtype):
     """(config, omnijax model) of `kind` from a converted folder or the PyTorch files (the model registry's job)."""
-    return common.load_model(kind, path, dtype)
+    return registry.load(kind, path, dtype=dtype, param_dtype=dtype)
 
 
 def _write_json(path: str, report: dict):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(report, indent=1))
 
 
 def _args(argv, kinds):

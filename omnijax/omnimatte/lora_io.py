@@ -211,7 +211,7 @@ def adapters_to_tensors(adapters: Mapping, fmt: str, naming: Naming, *, info: Ma
 
 def write_tensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]):
     """Writes safetensors atomically (a temporary `.lora-…` file in the same folder, then rename)."""
-    write_safetensors(path, {k: np.asarray(v) for k, v in tensors.items()}, metadata, tmp_prefix=".lora-")
+    write_safetensors(path, {k: np.asarray(v) for k, v in tensors.items()}, metadata)
 
 
 def read_lora_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -57,7 +57,7 @@ def test_from_checkpoint_every_format(run, tmp_path):
     assert export_lora.main(["--source", str(workdir / "checkpoints"), "--step", "3", "--format", "kohya",
                              "--out", str(out / "k3.safetensors")]) == 0
     _same(out / "k3.safetensors", models[3], "kohya")
-    assert not [f for f in out.iterdir() if f.name.startswith(".lora-")]
+    assert not [f for f in out.iterdir() if ".tmp-" in f.name]
 
 
 def test_from_file_converts_between_formats(run, tmp_path):

@@ -11,6 +11,8 @@ from flax import nnx
 from configs import effect_expert, quality_expert
 from launch import train as train_cli
 from omnijax.omnimatte.lora_io import read_lora_file
+from tasks import SetupError
+from tasks import omnimatte as task
 
 
 def _config(module, **overrides):
@@ -85,7 +87,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
     assert diff <= 1e-3 * update, f"8-device update differs from the 1-device one by {diff / update:.2e} (rel. L2)"
     # The adapters trained: every B started at zero.
     assert all(np.abs(v).max() > 0 for k, v in lora1.items() if k.endswith("lora_b"))
-    fresh, _, _ = train_cli.build_models(_config(effect_expert, **small))
+    fresh, _, _ = task.build_models(_config(effect_expert, **small))
     want = {k: np.asarray(v) for k, v in _flat(nnx.state(fresh)).items()}
     assert base1.keys() == base8.keys() == want.keys()
     for k in want:
@@ -103,9 +105,18 @@ def test_quality_expert_runlocal_smoke(tmp_path):
     losses = _losses(out)
     assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
     assert os.path.isfile(os.path.join(out, "lora_quality_omnijax.safetensors"))
+    # A resume with other adapter settings stops at the restore with one line naming both.
+    with pytest.raises(SetupError, match=r"trained with .*'rank': 4.* this config gives .*'rank': 8"):
+        train_cli.train(_config(quality_expert, total_steps=3, **{"lora.rank": 8}), out)
+
+
+def test_expert_k_and_analysis_are_exclusive(tmp_path):
+    c = _config(effect_expert, **{"expert.k": 2, "expert.analysis": str(tmp_path / "a.json")})
+    with pytest.raises(SetupError, match="both set K: keep one"):
+        task.expert_config(c, 6)
 
 
 def test_missing_model_init_says_how_to_convert(tmp_path):
     c = effect_expert.get_config()  # the real-size config without converted weights
-    with pytest.raises(train_cli.SetupError, match="launch/convert.py"):
-        train_cli.build_models(c)
+    with pytest.raises(SetupError, match="launch/convert.py"):
+        task.build_models(c)

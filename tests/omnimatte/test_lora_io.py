@@ -43,7 +43,7 @@ def test_round_trip_is_exact(models, fmt, tmp_path):
     # The file describes its own expert (blocks, targets, rank, alpha).
     got = lora_io.expert_from_lora(path, mask="B", name="e")
     assert (got.blocks, got.targets, got.rank, got.alpha) == (expert.blocks, expert.targets, 4, 6.0)
-    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".lora-")]  # no temporary left
+    assert not [f for f in tmp_path.iterdir() if ".tmp-" in f.name]  # no temporary left
 
 
 def test_published_key_spellings(models):
