@@ -24,8 +24,8 @@ import time
 # The reference and JAX share one GPU: JAX must not grab 75 % of it before torch has run and released its memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from launch import common  # noqa: E402, F401  (sets XLA flags first)
 from converters import registry  # noqa: E402
+from launch import common  # noqa: E402, F401  (sets XLA flags first)
 from omnijax.io.atomic import atomic_write  # noqa: E402
 
 
