@@ -1,6 +1,6 @@
 """PyTorch -> Flax weight conversion: one engine (engine.py), one key table per model (tables/).
 
-Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip. Each takes a path or a
+Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip, load_flux_dit. Each takes a path or a
 mapping name -> array and returns (config, model). Imports are lazy so that one model's loader does not
 pull in the others.
 """
@@ -13,6 +13,10 @@ _LOADERS = {
     "load_wan_vae": "converters.wan_vae",
     "load_umt5": "converters.umt5",
     "load_wan_clip": "converters.clip",
+    "load_flux_dit": "converters.flux_dit",
+    "load_flux_vae": "converters.flux_vae",
+    "load_t5": "converters.umt5",
+    "load_clip_text": "converters.clip_text",
 }
 
 __all__ = ["ConversionError", "CheckpointError", "UnsafeCheckpointError", *_LOADERS]

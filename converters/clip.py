@@ -15,7 +15,7 @@ from converters.tables.clip import TABLES
 from converters.views import Concatenated, Without
 from omnijax.models.wan.clip import CLIPVisionConfig, CLIPVisionTower
 
-_HF_LAYER = re.compile(r"((?:vision_model\.)?encoder\.layers\.\d+\.self_attn)\.q_proj\.(weight|bias)\Z")
+_HF_LAYER = re.compile(r"((?:vision_model\.|text_model\.)?encoder\.layers\.\d+\.self_attn)\.q_proj\.(weight|bias)\Z")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 

@@ -23,6 +23,9 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "squeeze": lambda x: x.reshape(-1),  # e.g. VAE gammas [C, 1, 1, 1] -> [C]
     "flatten_to_1x2": lambda x: x.reshape(1, 2, -1),  # AdaLayerNorm bias [2D] -> table [1, 2, D]
     "drop_leading_axis": lambda x: x.reshape(x.shape[1:]),  # e.g. Wan CLIP pos_embedding [1, L, D] -> [L, D]
+    # Flux final adaLN: diffusers stores (scale, shift) rows, BFL (shift, scale).
+    "swap_halves": lambda x: np.concatenate(np.split(np.asarray(x), 2, axis=0)[::-1], axis=0),
+    "swap_halves_linear_t": lambda x: np.concatenate(np.split(np.asarray(x), 2, axis=0)[::-1], axis=0).T,
 }
 
 

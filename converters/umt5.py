@@ -1,4 +1,5 @@
-"""Loading umT5 encoder checkpoints (Wan's original .pth or transformers' UMT5) into UMT5Encoder."""
+"""Loading umT5 (Wan's original .pth or transformers' UMT5) and T5 v1.1 encoder checkpoints (transformers'
+T5EncoderModel, e.g. FLUX.1 text_encoder_2) into UMT5Encoder; the bias layout is read from the weights."""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ def infer_config(shapes: Mapping[str, tuple], json_config: dict | None = None) -
     num_buckets, heads = shape("blocks.0.attn.pos_embedding.embedding")
     j = json_config or {}
     act = j.get("dense_act_fn", "gelu_new")
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+    # T5 v1.1 has a bias table in layer 0 only; with one layer both layouts compute the same thing.
+    shared = layers > 1 and "blocks.1.attn.pos_embedding.embedding" not in shapes
     return UMT5Config(
         vocab_size=vocab, d_model=d_model,
-        num_layers=1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))),
+        num_layers=layers, shared_position_bias=shared,
         num_heads=heads, d_kv=shape("blocks.0.attn.q.kernel")[1] // heads, d_ff=shape("blocks.0.ffn.gate.kernel")[1],
         num_buckets=num_buckets, max_distance=int(j.get("relative_attention_max_distance", 128)),
         eps=float(j.get("layer_norm_epsilon", 1e-6)),
@@ -66,3 +70,8 @@ def load_umt5(source, config: UMT5Config | None = None, *, dtype=jnp.bfloat16, p
         config = infer_config(shapes, read_config_json(source))
     make = lambda: UMT5Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)
+
+
+# T5 v1.1 (transformers T5EncoderModel) uses the same key names as UMT5; only the layer-0-only bias table differs,
+# which infer_config reads from the weights. One loader serves both.
+load_t5 = load_umt5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -50,3 +51,54 @@ class LoRA(nnx.Module):
 def lora_param_count(in_features: int, out_features: int, rank: int) -> int:
     """Closed form: A has I*R entries, B has R*O."""
     return rank * (in_features + out_features)
+
+
+class TokenGated:
+    """An adapter applied to some token ranges only: the delta is the adapter's on `runs` and zero elsewhere.
+
+    A plain callable with the adapter's interface, so `Linear(x, lora=TokenGated(...))` adapts a static subset of
+    tokens (Flux segments whose LoRA switch is on) through the same `lora=` argument as the branch model. The
+    adapter only sees the tokens of its runs; XLA fuses the zero padding into the host's bias add.
+    """
+
+    def __init__(self, adapter: LoRA, runs, *, axis: int = -2):
+        self.adapter, self.runs, self.axis = adapter, tuple(runs), axis
+
+    def __call__(self, x):
+        axis = self.axis % x.ndim
+        length = x.shape[axis]
+        pieces, pos = [], 0
+        zeros = lambda n: jnp.zeros((*x.shape[:axis], n, *x.shape[axis + 1:-1], self.adapter.out_features),
+                                    self.adapter.dtype)
+        for a, b in self.runs:
+            if a > pos:
+                pieces.append(zeros(a - pos))
+            pieces.append(self.adapter(jax.lax.slice_in_dim(x, a, b, axis=axis)))
+            pos = b
+        if pos < length:
+            pieces.append(zeros(length - pos))
+        return jnp.concatenate(pieces, axis=axis)
+
+
+def gated(adapter: LoRA | None, runs, length: int, *, axis: int = -2):
+    """The `lora=` argument that applies `adapter` to the token ranges `runs` of a length-`length` axis: None when
+    there is no adapter or no run, the adapter itself when the runs cover everything, else a TokenGated."""
+    runs = tuple((a, b) for a, b in runs if b > a)
+    if adapter is None or not runs:
+        return None
+    if runs == ((0, length),):
+        return adapter
+    return TokenGated(adapter, runs, axis=axis)
+
+
+def merge_runs(ranges, switches) -> tuple[tuple[int, int], ...]:
+    """Contiguous (start, end) runs covering the ranges whose switch is on (adjacent ranges merged)."""
+    runs: list[list[int]] = []
+    for (a, b), on in zip(ranges, switches):
+        if not on or b <= a:
+            continue
+        if runs and runs[-1][1] == a:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    return tuple((a, b) for a, b in runs)

@@ -97,17 +97,26 @@ def clip_variant(name: str, **overrides) -> CLIPVisionConfig:
 
 
 class CLIPAttention(nnx.Module):
-    """Multi-head self-attention with one fused qkv projection ([D, 3D], output laid out (3, N, K))."""
+    """Multi-head self-attention with one fused qkv projection ([D, 3D], output laid out (3, N, K)).
 
-    def __init__(self, config: CLIPVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, backend: str = "auto"):
-        self.num_heads, self.backend = config.num_heads, backend
+    `causal` masks keys after the query (the CLIP text tower, omnijax.models.flux.clip_text); it runs XLA's
+    kernel, as the 77-token text sequence costs nothing next to the rest of a pipeline.
+    """
+
+    def __init__(self, config: CLIPVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, backend: str = "auto",
+                 causal: bool = False):
+        self.num_heads, self.backend, self.causal = config.num_heads, backend, causal
         self.qkv = Linear(config.width, 3 * config.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj = Linear(config.width, config.width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         b, l, d = x.shape
         q, k, v = jnp.unstack(self.qkv(x).reshape(b, l, 3, self.num_heads, d // self.num_heads), axis=2)
-        return self.proj(attention(q, k, v, backend=self.backend).reshape(b, l, d))
+        if self.causal:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        else:
+            out = attention(q, k, v, backend=self.backend)
+        return self.proj(out.reshape(b, l, d))
 
 
 class CLIPMLP(nnx.Module):
@@ -121,11 +130,14 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPBlock(nnx.Module):
-    """Pre-LN block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-LN block: x + attn(norm1(x)), then x + mlp(norm2(x)). Reads config.{width, num_heads, mlp_dim,
+    activation, eps}, which the text tower's config has too."""
 
-    def __init__(self, config: CLIPVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, backend: str = "auto"):
+    def __init__(self, config: CLIPVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, backend: str = "auto",
+                 causal: bool = False):
         self.norm1 = LayerNorm(config.width, eps=config.eps, param_dtype=param_dtype)
-        self.attn = CLIPAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend)
+        self.attn = CLIPAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, backend=backend,
+                                  causal=causal)
         self.norm2 = LayerNorm(config.width, eps=config.eps, param_dtype=param_dtype)
         self.mlp = CLIPMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

@@ -1,7 +1,8 @@
-"""umT5 encoder (the Wan2.1 text encoder, shared/spec/wan.md §3.6) in Flax NNX.
+"""T5 v1.1 / umT5 encoders (Wan2.1's umT5, shared/spec/wan.md §3.6; Flux's T5-XXL, spec/flux.md §1.13), Flax NNX.
 
-A T5 v1.1-style encoder with two umT5 traits: every layer owns its relative-position bias table (T5 shares
-the first layer's), and the feed-forward is gated with tanh-approximated GELU ("gelu_new"):
+One encoder, two position-bias layouts chosen by `UMT5Config.shared_position_bias`: umT5 gives every layer its
+own relative-position bias table; T5 v1.1 has a table in layer 0 only and adds that one bias in every layer.
+Both gate the feed-forward with tanh-approximated GELU ("gelu_new", T5 v1.1's "gated-gelu"):
 ffn(x) = fc2(gelu_tanh(gate(x)) * fc1(x)). Attention logits are not scaled by 1/sqrt(K) (T5 folds the
 scale into the weights); norms are RMS-style without a mean or bias.
 
@@ -48,6 +49,7 @@ class UMT5Config:
     max_distance: int = 128
     eps: float = 1e-6
     activation: str = "gelu_tanh"
+    shared_position_bias: bool = False  # True: T5 v1.1 (one table, layer 0); False: umT5 (one per layer)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -79,11 +81,15 @@ UMT5_VARIANTS = {
     "xxl": {},
     # Output width 32 = the tiny Wan DiT's text_dim; vocabulary sized for the tiny test tokenizer.
     "tiny": dict(vocab_size=1024, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64),
+    # google/t5-v1_1-xxl's encoder, Flux's text encoder (FLUX.1-dev text_encoder_2).
+    "t5-v1.1-xxl": dict(vocab_size=32128, shared_position_bias=True),
+    "tiny-t5": dict(vocab_size=1024, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64,
+                    shared_position_bias=True),
 }
 
 
 def umt5_variant(name: str, **overrides) -> UMT5Config:
-    """UMT5Config by name ("xxl" or "tiny"); keyword overrides replace fields."""
+    """UMT5Config by name ("xxl", "tiny", "t5-v1.1-xxl", "tiny-t5"); keyword overrides replace fields."""
     if name not in UMT5_VARIANTS:
         raise ValueError(f"unknown umT5 variant {name!r}; known: {', '.join(UMT5_VARIANTS)}")
     return UMT5Config(**{**UMT5_VARIANTS[name], **overrides})
@@ -110,9 +116,10 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
 
 
 class UMT5Attention(nnx.Module):
-    """Self-attention with a learned per-layer relative-position bias; logits unscaled, softmax in f32."""
+    """Self-attention plus a relative-position bias (its own table when `has_bias`, else the caller's);
+    logits unscaled, softmax in f32."""
 
-    def __init__(self, config: UMT5Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: UMT5Config, *, dtype, param_dtype, rngs: nnx.Rngs, has_bias: bool = True):
         c = config
         self.config, self.dtype = c, dtype
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -121,7 +128,7 @@ class UMT5Attention(nnx.Module):
         self.v = Linear(c.d_model, c.inner_dim, **kw)
         self.o = Linear(c.inner_dim, c.d_model, **kw)
         self.pos_embedding = nnx.Embed(c.num_buckets, c.num_heads, dtype=jnp.float32, param_dtype=param_dtype,
-                                       rngs=rngs)
+                                       rngs=rngs) if has_bias else None
 
     def position_bias(self, length: int):
         """[N, L, S] f32 bias from this layer's bucket table."""
@@ -129,14 +136,14 @@ class UMT5Attention(nnx.Module):
         buckets = jnp.asarray(relative_position_buckets(length, c.num_buckets, c.max_distance))
         return jnp.transpose(self.pos_embedding(buckets), (2, 0, 1)).astype(jnp.float32)
 
-    def __call__(self, x, key_mask):
-        """x [B, L, D], key_mask [B, S] bool -> [B, L, D]."""
+    def __call__(self, x, key_mask, bias):
+        """x [B, L, D], key_mask [B, S] bool, bias [N, L, S] f32 -> [B, L, D]."""
         b, l, _ = x.shape
         c = self.config
         split = lambda t: t.reshape(b, l, c.num_heads, c.d_kv)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         logits = jnp.einsum("blnk,bsnk->bnls", q, k, preferred_element_type=jnp.float32)
-        logits = logits + self.position_bias(l)[None]
+        logits = logits + bias[None]
         # Masked keys get the most negative finite logit (not -inf), so an all-padding row stays finite.
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
@@ -161,31 +168,32 @@ class UMT5FeedForward(nnx.Module):
 class UMT5Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm1(x)), then x + ffn(norm2(x))."""
 
-    def __init__(self, config: UMT5Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: UMT5Config, *, dtype, param_dtype, rngs: nnx.Rngs, has_bias: bool = True):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(config.d_model, eps=config.eps, param_dtype=param_dtype)
-        self.attn = UMT5Attention(config, **kw)
+        self.attn = UMT5Attention(config, has_bias=has_bias, **kw)
         self.norm2 = RMSNorm(config.d_model, eps=config.eps, param_dtype=param_dtype)
         self.ffn = UMT5FeedForward(config, **kw)
 
-    def __call__(self, x, key_mask):
-        x = x + self.attn(self.norm1(x), key_mask)
+    def __call__(self, x, key_mask, bias):
+        x = x + self.attn(self.norm1(x), key_mask, bias)
         return x + self.ffn(self.norm2(x))
 
 
 class UMT5Encoder(nnx.Module):
-    """umT5 encoder stack: token embedding -> blocks -> final RMS norm.
+    """umT5 / T5 v1.1 encoder stack: token embedding -> blocks -> final RMS norm.
 
     Parameter paths follow Wan's `T5Encoder` names (token_embedding, blocks.{i}.attn.q, ...,
-    blocks.{i}.attn.pos_embedding, blocks.{i}.ffn.{gate,fc1,fc2}, norm).
+    blocks.{i}.attn.pos_embedding (T5 v1.1: blocks.0 only), blocks.{i}.ffn.{gate,fc1,fc2}, norm).
     """
 
     def __init__(self, config: UMT5Config, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.config, self.dtype = config, dtype
         self.token_embedding = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype,
                                          rngs=rngs)
-        self.blocks = nnx.List([UMT5Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                for _ in range(config.num_layers)])
+        self.blocks = nnx.List([UMT5Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                          has_bias=i == 0 or not config.shared_position_bias)
+                                for i in range(config.num_layers)])
         self.norm = RMSNorm(config.d_model, eps=config.eps, param_dtype=param_dtype)
 
     def __call__(self, input_ids, attention_mask=None):
@@ -208,7 +216,9 @@ class UMT5Encoder(nnx.Module):
             key_mask = attention_mask != 0
         x = self.token_embedding(input_ids)
         for block in self.blocks:
-            x = block(x, key_mask)
+            if block.attn.pos_embedding is not None:  # every layer (umT5), or layer 0 only (T5 v1.1)
+                bias = block.attn.position_bias(input_ids.shape[1])
+            x = block(x, key_mask, bias)
         return self.norm(x)
 
 
