@@ -7,7 +7,7 @@ setup(
     description="Layered video decomposition (EasyOmnimatte) with diffusion transformers in JAX/Flax NNX.",
     python_requires=">=3.11",
     packages=find_packages(include=["omnijax", "omnijax.*", "converters", "converters.*", "data", "data.*",
-                                    "configs", "configs.*", "launch", "launch.*"]),
+                                    "configs", "configs.*", "launch", "launch.*", "tasks", "tasks.*"]),
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

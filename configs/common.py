@@ -47,6 +47,7 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     """The full training config of one expert ("effect" or "quality")."""
     a = parse_arg(arg)
     c = ml_collections.ConfigDict()
+    c.task = "omnimatte"  # tasks/omnimatte.py; a TASKS key or a dotted module path (tasks/__init__.py)
     c.seed = 0
     height, width = _resolution(a["res"])
     # latent_cache: a folder written by launch/cache_latents.py; training then reads VAE posteriors from it and
@@ -58,13 +59,15 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     # adapted ones); see EasyOmnimatte.__call__. Lower it for shorter clips, raise it if the step runs out of memory.
     c.model = dict(variant=BASES[a["base"]]["variant"], dtype="bf16", remat=BASES[a["base"]]["remat"][expert],
                    attention="auto")
-    # Converted checkpoints (python launch/convert.py ...); "tiny" builds random tiny models.
+    # Weights (converters.registry.load): a converted folder (python launch/convert.py ...), the original files, or
+    # "tiny" (random weights; the DiT is then a random model.variant). The same names as the CLIs' flags.
     c.model_init = dict(dit="", vae="", umt5="", clip="", tokenizer="")
     c.lora = dict(rank=128 if expert == "effect" else 64, alpha=128.0 if expert == "effect" else 64.0,
                   targets=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"), param_dtype="f32")
-    # K = number of last blocks the Effect Expert adapts: 0 = round(num_layers / 3) or `analysis` (a JSON
-    # written by launch/analyze_blocks.py).
-    c.expert = dict(name=expert, mask="B" if expert == "effect" else "C", k=0, analysis="")
+    # name: a row of omnijax.omnimatte.experts.EXPERT_KINDS (its attention mask and adapted blocks follow from it).
+    # K = number of last blocks the Effect Expert adapts: 0 = round(num_layers / 3); or `analysis`, a JSON written
+    # by launch/analyze_blocks.py (set one of the two).
+    c.expert = dict(name=expert, k=0, analysis="")
     c.schedule = dict(warmup_steps=100, decay_type="constant")
     c.optax = dict(b1=0.9, b2=0.999, eps=1e-8)
     c.lr = 1e-3
@@ -77,15 +80,17 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     c.log_steps = 10
     c.ckpt_steps = 500
     c.keep_ckpt = 3
-    c.evals = dict(preview_steps=1000, preview_sampler_steps=4, export_formats=("omnijax", "kohya", "peft"))
+    c.evals = dict(preview_steps=1000, export_formats=("omnijax", "kohya", "peft"))
+    # The preview's sampler (the expert being trained stands in for both experts there).
     c.sampler = dict(steps=4, tau=0.5)
     if a["runlocal"]:
         c.input.update(frames=9, height=64, width=64, num_threads=0)
         c.model.update(variant="tiny-inp", dtype="f32", remat=0, attention="xla")
-        c.model_init = dict(dit="tiny", vae="tiny", umt5="tiny", clip="tiny", tokenizer="")
+        c.model_init = dict(dit="tiny", vae="tiny", umt5="tiny", clip="tiny", tokenizer="tiny")
         c.lora.update(rank=4, alpha=4.0)
         c.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
         c.schedule.warmup_steps = 2
         c.total_steps, c.log_steps, c.ckpt_steps = 4, 1, 2
-        c.evals.update(preview_steps=4, preview_sampler_steps=2)
+        c.evals.update(preview_steps=4)
+        c.sampler.steps = 2
     return c

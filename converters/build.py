@@ -20,7 +20,13 @@ def mapped_shapes(src: Mapping, table: Table) -> dict[str, tuple[int, ...]]:
 
 def convert_and_build(src: Mapping, table: Table, make: Callable[[], nnx.Module], *, shardings=None,
                       progress: bool = False) -> nnx.Module:
-    """Applies `table` to `src` against the parameters of `make()` (built abstractly) and returns the model."""
-    targets = param_shapes(nnx.eval_shape(make))
+    """Applies `table` to `src` against the parameters of `make()` (built abstractly) and returns the model.
+
+    `shardings`: {param path: Sharding}, or a function of the abstract model returning it (converters.registry).
+    """
+    abstract = nnx.eval_shape(make)
+    targets = param_shapes(abstract)
+    if callable(shardings):
+        shardings = shardings(abstract)
     bar = (lambda it: tqdm(it, desc=f"converting {table.name}", unit="tensor")) if progress else None
     return build_with_params(make, convert(src, table, targets, progress=bar), shardings)

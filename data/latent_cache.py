@@ -177,3 +177,17 @@ def standin_encoder(video: np.ndarray, channels: int = 16) -> np.ndarray:
     pooled = np.concatenate([first, rest], 1)
     proj = np.cos(np.arange(c)[:, None] * (np.arange(channels)[None, :] + 1.0))  # fixed, full-rank for c=3
     return (pooled @ proj).astype(np.float32)
+
+
+def posterior_encoder(vae, *, mean_only: bool = False):
+    """Jitted host encoder of a WanVAE for `cache_latents`: video -> (normalised mean, logvar), or the mean alone."""
+    import jax
+
+    from omnijax.omnimatte.decompose import jit_module_fn
+
+    def posterior(vae, x):
+        mean, logvar = vae.posterior(x.astype(vae.dtype))
+        return mean if mean_only else (mean, logvar)
+
+    fn = jit_module_fn(vae, posterior)
+    return lambda x: jax.device_get(fn(x))

@@ -25,33 +25,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.composite import CompositeConfig  # noqa: E402
-from data.latent_cache import cache_latents, standin_encoder  # noqa: E402
+from data.latent_cache import cache_latents, posterior_encoder, standin_encoder  # noqa: E402
 from data.pipeline import TfdsOmnimatte, latent_friendly  # noqa: E402
 from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
 from data.synthetic import SyntheticOmnimatte  # noqa: E402
 
 
-def posterior_encoder(vae, *, mean_only: bool = False):
-    """Jitted host encoder of a WanVAE for `cache_latents`: video -> (normalised mean, logvar), or the mean alone."""
-    import jax
-
-    from omnijax.omnimatte.decompose import jit_module_fn
-
-    def posterior(vae, x):
-        mean, logvar = vae.posterior(x.astype(vae.dtype))
-        return mean if mean_only else (mean, logvar)
-
-    fn = jit_module_fn(vae, posterior)
-    return lambda x: jax.device_get(fn(x))
-
-
 def vae_encoder(path: str, *, mean_only: bool = False):
     """`posterior_encoder` of the Wan VAE at `path` (converted omnijax checkpoint or original files), in bf16."""
-    import jax.numpy as jnp
+    from converters import registry
 
-    from launch.common import load_model
-
-    _, vae = load_model("wan_vae", path, jnp.bfloat16)
+    _, vae = registry.load("wan_vae", path, dtype="bf16", progress=True)
     return posterior_encoder(vae, mean_only=mean_only)
 
 

@@ -24,13 +24,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 FORMAT = 1
-# kind -> (model class, config class), imported lazily so one kind does not pull in the others.
-MODEL_KINDS = {
-    "wan_dit": ("omnijax.models.wan.dit:WanDiT", "omnijax.models.wan.variants:WanConfig"),
-    "wan_vae": ("omnijax.models.wan.vae:WanVAE", "omnijax.models.wan.vae:VAEConfig"),
-    "umt5": ("omnijax.models.wan.umt5:UMT5Encoder", "omnijax.models.wan.umt5:UMT5Config"),
-    "wan_clip": ("omnijax.models.wan.clip:CLIPVisionTower", "omnijax.models.wan.clip:CLIPVisionConfig"),
-}
 
 
 def _import(ref: str):
@@ -38,10 +31,8 @@ def _import(ref: str):
     return getattr(importlib.import_module(mod), name)
 
 
-def model_classes(kind: str):
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
-    return tuple(_import(r) for r in MODEL_KINDS[kind])
+def _ref(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def save_pretrained(directory: str, model: nnx.Module, kind: str, *, overwrite: bool = False, **meta) -> str:
@@ -49,7 +40,6 @@ def save_pretrained(directory: str, model: nnx.Module, kind: str, *, overwrite: 
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-    model_classes(kind)  # validates the kind
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
@@ -57,7 +47,10 @@ def save_pretrained(directory: str, model: nnx.Module, kind: str, *, overwrite: 
         state = nnx.state(model, nnx.Param)
         dtypes = {np.dtype(v.dtype).name for v in jax.tree.leaves(state)}
         ocp.PyTreeCheckpointer().save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))
-        header = {"format": FORMAT, "kind": kind, "config": model.config.to_dict(),
+        # The classes are named in the header so that a reader needs no table of kinds (converters.registry
+        # holds the one table; the library does not import it).
+        header = {"format": FORMAT, "kind": kind, "model": _ref(type(model)), "config_class": _ref(type(model.config)),
+                  "config": model.config.to_dict(),
                   "param_dtypes": sorted(dtypes), **meta}
         with open(os.path.join(tmp, "omnijax.json"), "w") as f:
             json.dump(header, f, indent=1)
@@ -75,6 +68,11 @@ def save_pretrained(directory: str, model: nnx.Module, kind: str, *, overwrite: 
     return directory
 
 
+def is_pretrained(directory: str) -> bool:
+    """Whether `directory` is a converted omnijax checkpoint (written by `save_pretrained`)."""
+    return os.path.isdir(directory) and os.path.isfile(os.path.join(directory, "omnijax.json"))
+
+
 def read_header(directory: str) -> dict:
     path = os.path.join(directory, "omnijax.json")
     if not os.path.isfile(path):
@@ -89,21 +87,29 @@ def read_header(directory: str) -> dict:
     return header
 
 
-def load_pretrained(directory: str, *, kind: str | None = None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                    shardings=None):
+def load_pretrained(directory: str, *, kind: str | None = None, model_cls=None, config_cls=None,
+                    dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, shardings=None):
     """Restores a model written by `save_pretrained`. Returns (config, model).
 
     Args:
       kind: expected kind (an error if the directory holds another).
+      model_cls, config_cls: the classes to build (default: those named in the header; checkpoints written
+        before the header named them need them, see converters.registry.load).
       dtype: compute dtype. param_dtype: storage dtype of the non-f32-island params.
-      shardings: optional {param path: jax.sharding.Sharding}; restored arrays land there directly.
+      shardings: optional {param path: jax.sharding.Sharding}, or a function of the abstract model returning
+        one; restored arrays are read straight into their shards.
     """
     header = read_header(directory)
     if kind is not None and header["kind"] != kind:
         raise ValueError(f"{directory} holds a {header['kind']!r} checkpoint, expected {kind!r}")
-    model_cls, config_cls = model_classes(header["kind"])
+    if model_cls is None or config_cls is None:
+        if "model" not in header:
+            raise ValueError(f"{directory}: the header names no model class; load it through converters.registry")
+        model_cls, config_cls = model_cls or _import(header["model"]), config_cls or _import(header["config_class"])
     config = config_cls.from_dict(header["config"])
     abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    if callable(shardings):
+        shardings = shardings(abstract)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
 
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -33,6 +33,18 @@ def _check(mask: str):
         raise ValueError(f"unknown branch mask type {mask!r}; choose one of {MASK_TYPES}")
 
 
+def alpha_sees_background(mask: str) -> bool:
+    """Whether alpha queries attend to background keys (masks A, B): then the alpha output needs X_B."""
+    _check(mask)
+    return mask != "C"
+
+
+def background_sees_alpha(mask: str) -> bool:
+    """Whether background queries attend to alpha keys (mask A only): otherwise X_B depends on nothing of X_A."""
+    _check(mask)
+    return mask == "A"
+
+
 def dense_branch_mask(length: int, mask: str) -> np.ndarray:
     """The [2L, 2L] boolean mask (True = may attend) that the structured calls implement. For references only."""
     _check(mask)

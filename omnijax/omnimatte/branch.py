@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnijax.layers.branch_attention import branch_attention
+from omnijax.layers.branch_attention import alpha_sees_background, background_sees_alpha, branch_attention
 from omnijax.layers.lora import LoRA
 from omnijax.models.wan.dit import WanDiT
 from omnijax.omnimatte.experts import ExpertConfig
@@ -124,7 +124,7 @@ class EasyOmnimatte(nnx.Module):
           (v_bg, v_alpha), each [B, T, H, W, 16]; v_bg is None when `train` is set.
         """
         base, mask = self.base, self.expert.mask
-        skip_bg = train and mask == "C"
+        skip_bg = train and not alpha_sees_background(mask)
         if z_bg is None and not skip_bg:
             raise ValueError(f"mask {mask!r} {'at inference ' if not train else ''}needs the background latent")
         if z_bg is not None and z_bg.shape != z_alpha.shape:
@@ -133,8 +133,8 @@ class EasyOmnimatte(nnx.Module):
         x_b = None if skip_bg else base.embed(z_bg, y)[0]  # same grid, so the RoPE positions are the same
         x_a, x_b = _residual(x_a), _residual(x_b)
         e, e0, text, image = base.condition(timesteps, context, clip_features)
-        # Under masks B and C nothing trainable reaches the background set.
-        freeze_bg = train and mask in ("B", "C")
+        # Unless the background queries see the alpha set (mask A), nothing trainable reaches the background set.
+        freeze_bg = train and not background_sees_alpha(mask)
         first = self.expert.blocks[0]
         def step(blk, lora, x_b, x_a):
             return branch_block(blk, lora, x_b, x_a, e0, text, image, rope, mask=mask, backend=attention_backend,

@@ -10,6 +10,12 @@ background (and the union alpha), pass k removes object k alone and gives alpha_
 
 The sampler (omnijax.sampling.dual_expert) is jitted once per shape; seed and tau are runtime values. Clips
 longer than one 81-frame window use temporal multidiffusion (21-latent windows, 4-latent overlap).
+
+`decompose_video` is the whole job on a video of any size and frame count: fit to the processing size (height,
+width a multiple of 16) and to 4k+1 frames (ping-pong), run a `Decomposer`, resize back, recover each object's
+foreground (eq. 2) and measure the recomposition PSNR. The CLI (launch/decompose.py) and the trainer's preview
+both call it; a `Decomposer` keeps its compiled pieces, and `Decomposer.set_experts` swaps in new adapter
+values without recompiling.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnijax.omnimatte.alpha import video_to_alpha
+from omnijax.omnimatte.alpha import recomposition_psnr, recover_foreground, video_to_alpha
 from omnijax.omnimatte.masks import condition_y, latent_mask, removal_mask
 from omnijax.sampling.dual_expert import make_sampler
 from omnijax.sampling.multidiffusion import TemporalWindows, repeat_for_windows, split_windows
@@ -77,8 +83,7 @@ class Decomposer:
     def __init__(self, effect, quality, vae, conditioner, *, attention_backend: str = "auto",
                  encode_frames_per_step: int = 2, decode_frames_per_step: int = 4):
         self.vae, self.conditioner = vae, conditioner
-        pair = ExpertPair(effect, quality)
-        self._graphdef, self._state = nnx.split(pair)
+        self._graphdef, self._state = nnx.split(ExpertPair(effect, quality))
         dtype = effect.base.dtype
 
         def expert(name):
@@ -93,6 +98,14 @@ class Decomposer:
         self._sample = make_sampler(expert("effect"), expert("quality"))
         self._encode = jit_module_fn(vae, lambda m, v: m.encode(v, frames_per_step=encode_frames_per_step))
         self._decode = jit_module_fn(vae, lambda m, z: m.decode(z, frames_per_step=decode_frames_per_step))
+
+    def set_experts(self, effect, quality) -> None:
+        """Uses these experts' current values from now on (e.g. the adapters of a training step). They must have
+        the structure of the experts given at construction; the compiled sampler is reused."""
+        graphdef, state = nnx.split(ExpertPair(effect, quality))
+        if graphdef != self._graphdef:
+            raise ValueError("set_experts: the experts differ in structure from the Decomposer's")
+        self._state = state
 
     def condition(self, video, first_frame_prompt: str = ""):
         """Text context [1, L, D] (empty prompt by default) and CLIP features [1, 257, D] of frame 0."""
@@ -162,3 +175,84 @@ class Decomposer:
         lap("vae_decode")
         assert result[1].shape[0] == k
         return result
+
+
+def pingpong_indices(n: int, target: int) -> np.ndarray:
+    """Frame indices 0..n-1 then time-reversed copies (ping-pong) up to `target` frames."""
+    if n == 1:
+        return np.zeros(target, int)
+    period = np.concatenate([np.arange(n), np.arange(n - 2, 0, -1)])
+    return period[np.arange(target) % len(period)]
+
+
+def processing_size(h: int, w: int, height: int) -> tuple[int, int]:
+    """(height, width) multiples of 16 keeping the aspect ratio."""
+    ph = max(16, int(round(height / 16)) * 16)
+    pw = max(16, int(round(w * ph / h / 16)) * 16)
+    return ph, pw
+
+
+def resize(x, size, method="linear"):
+    """[F, H, W(, C)] float -> [F, h, w(, C)]; antialiased when shrinking (area-like, as the reference)."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return np.asarray(x, np.float32)
+    shape = (x.shape[0], *size, *x.shape[3:])
+    return np.asarray(jax.image.resize(jnp.asarray(x, jnp.float32), shape, method, antialias=True))
+
+
+@dataclasses.dataclass
+class Layers:
+    """The result of `decompose_video`, at the input's size and frame count (floats in [0, 1]).
+
+    background [F, H, W, 3]; alphas [K, F, H, W]; foregrounds [K, F, H, W, 3] (eq. 2);
+    psnr: recomposition PSNR (dB) per object of alpha*F + (1-alpha)*B against the input;
+    processing_size (h, w) and processing_frames (4k+1) the models ran at; timings: seconds per stage.
+    """
+
+    background: np.ndarray
+    alphas: np.ndarray
+    foregrounds: np.ndarray
+    psnr: list[float]
+    processing_size: tuple[int, int]
+    processing_frames: int
+    timings: dict
+
+
+def _unit_float(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def decompose_video(decomposer: Decomposer, video, object_masks, settings: SamplerSettings = SamplerSettings(), *,
+                    height: int = 480, prompt: str = "", timings: dict | None = None) -> Layers:
+    """Decomposes a video of any size and frame count into a background and one RGBA layer per object.
+
+    Args:
+      decomposer: the models (built once; reused across calls without recompiling for the same sizes).
+      video: [F, H, W, 3] uint8, or float in [0, 1].
+      object_masks: [K, F, H, W] uint8 (binarised at 240 by the mask preparation), or float in [0, 1].
+      settings: sampler steps, tau, seed, multidiffusion layout, mask dilation.
+      height: processing height (the width keeps the aspect ratio; both rounded to multiples of 16).
+    Returns:
+      Layers at the input's size and frame count.
+    """
+    timings = {} if timings is None else timings
+    video, masks = _unit_float(video), _unit_float(object_masks)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"video must be [F, H, W, 3], got {video.shape}")
+    n, h, w, _ = video.shape
+    if masks.ndim != 4 or masks.shape[1:] != (n, h, w):
+        raise ValueError(f"object masks {masks.shape} do not match the video: need [K, {n}, {h}, {w}]")
+    ph, pw = processing_size(h, w, height)
+    target = 4 * -(-(n - 1) // 4) + 1
+    idx = pingpong_indices(n, target)
+    small = resize(video, (ph, pw))[idx]
+    small_masks = np.stack([resize(m, (ph, pw)) for m in masks])[:, idx]
+    background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings)
+    start = time.perf_counter()
+    background = np.clip(resize(background[:n], (h, w)), 0, 1)
+    alphas = np.stack([np.clip(resize(a[:n], (h, w)), 0, 1) for a in alphas])
+    fgs = np.stack([np.asarray(recover_foreground(video, a, background)) for a in alphas])
+    psnr = [float(recomposition_psnr(video, fg, a, background)) for fg, a in zip(fgs, alphas)]
+    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - start
+    return Layers(background, alphas, fgs, psnr, (ph, pw), target, timings)

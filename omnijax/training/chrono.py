@@ -62,6 +62,14 @@ class Chrono:
             self._measured_steps += n
         self.last_step = int(step)
 
+    def state_dict(self) -> dict:
+        """The measured step time (JSON-able), checkpointed so a resumed run keeps its mean and ETA."""
+        return {"measured_s": self._measured_s, "measured_steps": self._measured_steps}
+
+    def load_state(self, state: dict) -> None:
+        self._measured_s = float(state["measured_s"])
+        self._measured_steps = int(state["measured_steps"])
+
     @contextlib.contextmanager
     def paused(self):
         """Time inside the block (checkpointing, evaluation) is excluded from step time."""

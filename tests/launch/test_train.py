@@ -11,6 +11,8 @@ from flax import nnx
 from configs import effect_expert, quality_expert
 from launch import train as train_cli
 from omnijax.omnimatte.lora_io import read_lora_file
+from tasks import SetupError
+from tasks import omnimatte as task
 
 
 def _config(module, **overrides):
@@ -80,7 +82,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
         np.testing.assert_allclose(lora8[k], lora1[k], rtol=1e-4, atol=1e-7, err_msg=k)
     # The adapters trained: every B started at zero.
     assert all(np.abs(v).max() > 0 for k, v in lora1.items() if k.endswith("lora_b"))
-    fresh, _, _ = train_cli.build_models(_config(effect_expert, **small))
+    fresh, _, _ = task.build_models(_config(effect_expert, **small))
     want = {k: np.asarray(v) for k, v in _flat(nnx.state(fresh)).items()}
     assert base1.keys() == base8.keys() == want.keys()
     for k in want:
@@ -102,5 +104,5 @@ def test_quality_expert_runlocal_smoke(tmp_path):
 
 def test_missing_model_init_says_how_to_convert(tmp_path):
     c = effect_expert.get_config()  # the real-size config without converted weights
-    with pytest.raises(train_cli.SetupError, match="launch/convert.py"):
-        train_cli.build_models(c)
+    with pytest.raises(SetupError, match="launch/convert.py"):
+        task.build_models(c)

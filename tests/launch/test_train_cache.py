@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from configs import effect_expert
-from data.latent_cache import LATENT_KEYS, LOGVAR_KEYS, LatentSource, cache_latents
+from data.latent_cache import LATENT_KEYS, LOGVAR_KEYS, LatentSource, cache_latents, posterior_encoder
 from data.pipeline import fit_to_latent
 from launch import train as train_cli
-from launch.cache_latents import posterior_encoder
 from omnijax.models.wan import vae as vae_lib
 from omnijax.omnimatte.decompose import jit_module_fn
 from omnijax.omnimatte.masks import latent_mask, removal_mask
+from omnijax.omnimatte.training import PIXEL_KEYS
+from tasks import SetupError
+from tasks import omnimatte as task
 from tests.launch.test_train import _config, _losses
 from tests.torch_refs import rel_err
 
@@ -23,7 +25,7 @@ def test_train_from_latent_cache_never_runs_the_encoder(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     config = _config(effect_expert, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100,
                                                                     "input.latent_cache": cache})
-    _, vae, _ = train_cli.build_models(config)
+    _, vae, _ = task.build_models(config)
     calls = []
     encoder_call = vae_lib.Encoder.__call__
 
@@ -33,7 +35,7 @@ def test_train_from_latent_cache_never_runs_the_encoder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vae_lib.Encoder, "__call__", counting)
     # The tiny VAE's posterior, stored as float16 (the default); 3 samples for batches of 1.
-    assert cache_latents(train_cli.pixel_source(config, seed=1), posterior_encoder(vae), cache, indices=range(3)) == 3
+    assert cache_latents(task.pixel_source(config, seed=1), posterior_encoder(vae), cache, indices=range(3)) == 3
     assert calls  # the wrapper does see the encoder run
     assert LatentSource(cache).has_logvar
 
@@ -50,37 +52,37 @@ def test_train_from_latent_cache_never_runs_the_encoder(tmp_path, monkeypatch):
     # A mean-only cache cannot give the default posterior samples: the error says what to do.
     mean_only = str(tmp_path / "means")
     monkeypatch.setattr(vae_lib.Encoder, "__call__", encoder_call)
-    cache_latents(train_cli.pixel_source(config, seed=1), posterior_encoder(vae, mean_only=True), mean_only,
+    cache_latents(task.pixel_source(config, seed=1), posterior_encoder(vae, mean_only=True), mean_only,
                   indices=[0])
-    with pytest.raises(train_cli.SetupError, match="vae_sample=False"):
-        train_cli.make_input(_config(effect_expert, **{"input.latent_cache": mean_only}), seed=0)
-    with pytest.raises(train_cli.SetupError, match="input.frames/height/width"):
-        train_cli.make_input(_config(effect_expert, **{"input.latent_cache": cache, "input.frames": 5}), seed=0)
-    with pytest.raises(train_cli.SetupError, match="cache_latents.py"):
-        train_cli.make_input(_config(effect_expert, **{"input.latent_cache": str(tmp_path / "none")}), seed=0)
+    with pytest.raises(SetupError, match="vae_sample=False"):
+        task.make_input(_config(effect_expert, **{"input.latent_cache": mean_only}), seed=0)
+    with pytest.raises(SetupError, match="input.frames/height/width"):
+        task.make_input(_config(effect_expert, **{"input.latent_cache": cache, "input.frames": 5}), seed=0)
+    with pytest.raises(SetupError, match="cache_latents.py"):
+        task.make_input(_config(effect_expert, **{"input.latent_cache": str(tmp_path / "none")}), seed=0)
 
 
 def test_cache_batch_equals_pixel_batch(tmp_path):
     """The same clips through both input paths give the same x0 latents, condition y and CLIP frame."""
     config = _config(effect_expert)
-    _, vae, _ = train_cli.build_models(config)
-    source = train_cli.pixel_source(config, seed=3)
+    _, vae, _ = task.build_models(config)
+    source = task.pixel_source(config, seed=3)
     idx = [0, 1]
     cache = str(tmp_path / "cache")
     cache_latents(source, posterior_encoder(vae), cache, indices=idx, batch_size=2, dtype=np.float32)
     samples = [fit_to_latent(source[i]) for i in idx]
-    pixels = {k: np.stack([s[k] for s in samples]) for k in train_cli.PIXEL_KEYS}
+    pixels = {k: np.stack([s[k] for s in samples]) for k in PIXEL_KEYS}
     stored = LatentSource(cache)
     cached = {k: np.stack([stored[i][k] for i in idx]) for k in LATENT_KEYS + LOGVAR_KEYS + ("mask", "first_frame")}
 
-    arrays_p, first_p = train_cli.host_inputs(pixels)
-    arrays_c, first_c = train_cli.host_inputs(cached)
+    arrays_p, first_p = task.host_inputs(pixels)
+    arrays_c, first_c = task.host_inputs(cached)
     np.testing.assert_array_equal(first_c, first_p)
     key = jax.random.key(5)
     out = {}
     for sample in (False, True):
-        p = train_cli.make_prepare(vae, cached=False, sample=sample)(arrays_p, key)
-        c = train_cli.make_prepare(None, cached=True, sample=sample)(arrays_c, key)
+        p = task.make_prepare(vae, cached=False, sample=sample)(arrays_p, key)
+        c = task.make_prepare(None, cached=True, sample=sample)(arrays_c, key)
         for k in ("x0_alpha", "x0_bg", "y"):
             assert p[k].shape == c[k].shape and rel_err(c[k], p[k]) <= 1e-5, (sample, k, rel_err(c[k], p[k]))
         out[sample] = c
