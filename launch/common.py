@@ -25,7 +25,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
-LOADERS = {"wan_dit": "load_wan_dit", "wan_vae": "load_wan_vae", "umt5": "load_umt5", "wan_clip": "load_wan_clip"}
+LOADERS = {"wan_dit": "load_wan_dit", "wan_vae": "load_wan_vae", "umt5": "load_umt5", "wan_clip": "load_wan_clip",
+           "flux_dit": "load_flux_dit", "flux_vae": "load_flux_vae", "t5": "load_t5", "clip_l": "load_clip_text"}
 
 
 def load_model(kind: str, source: str, dtype=jnp.bfloat16):
