@@ -39,7 +39,7 @@ def test_input_errors(tmp_path, capsys):
              (["--image", str(img), "--size", "30"], "multiples of 16"),
              (["--image", str(img), "--lora", str(tmp_path / "none.safetensors")], "--lora not found")]
     for args, msg in cases:
-        assert cli.main([*args, "--out", str(tmp_path / "o"), *TINY]) == 2
+        assert cli.main([*TINY, *args, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
     assert cli.main(["--image", str(img), "--out", str(full), *TINY]) == 2
