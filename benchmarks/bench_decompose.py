@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import emit, jax_peak_gb  # noqa: E402
-from launch import common  # noqa: E402,F401  (XLA flags)
+from omnijax.xla_flags import setup_xla_flags  # noqa: E402
+
+setup_xla_flags()
 
 
 def build(small: bool):

@@ -154,11 +154,11 @@ def bench_expert(model, inp, n_tokens, backend, repeats, remat):
 
 
 def bench_train_step(model, inp, repeats, remat, backend):
-    """The trainer's own step (launch/train.py loss_fn, configs' optimizer: clip + AdamW on LoRA, donated state)."""
+    """The trainer's own step (tasks/omnimatte.py loss, configs' optimizer: clip + AdamW on LoRA, donated state)."""
     from configs.common import expert_config
-    from launch.train import loss_fn
     from omnijax.training.optim import make_optimizer
     from omnijax.training.step import make_train_step
+    from tasks.omnimatte import loss as loss_fn
 
     config = expert_config(model.expert.name, None)
     with config.unlocked():

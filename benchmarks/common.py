@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from omnijax.io.atomic import atomic_write
+
 H100_BF16_PEAK = 989e12
 
 
@@ -62,7 +64,4 @@ def emit(name: str, result: dict):
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, f"{name}.json")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(out, f"{name}.json"), text)

@@ -150,7 +150,8 @@ def load(kind: str, source: str, *, dtype="bf16", param_dtype=None, mesh: jax.sh
 
     Args:
       dtype, param_dtype: compute and storage dtype (names of DTYPES or dtypes); param_dtype defaults to dtype.
-      mesh, rules: where the parameters live (omnijax.sharding rule set or list); default one device, replicated.
+      mesh, rules: where the parameters live (omnijax.sharding rule set or list). Without a mesh the arrays are
+        left on the default device, uncommitted (jax may move them to where they are used).
       seed: the random init of "tiny" sources.
       config: the tiny model's config instead of the row's (e.g. fewer layers); converted sources bring theirs.
       print_fn: prints the placement table (None: silent).
@@ -159,7 +160,6 @@ def load(kind: str, source: str, *, dtype="bf16", param_dtype=None, mesh: jax.sh
     dtype = dtype_of(dtype)
     param_dtype = dtype if param_dtype is None else dtype_of(param_dtype)
     model_cls, config_cls = _ref(row.model), _ref(row.config)
-    mesh = shd.make_mesh({}, devices=jax.devices()[:1]) if mesh is None else mesh
 
     def maker(cfg):
         return lambda: model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
@@ -170,7 +170,8 @@ def load(kind: str, source: str, *, dtype="bf16", param_dtype=None, mesh: jax.sh
     if not source or not os.path.exists(source):
         raise ModelSourceError(f"{kind} weights {source!r}: no such file or folder")
     # The placement follows from the abstract model (the converter infers the config from the weight shapes).
-    placement = lambda abstract: shd.param_shardings(abstract, rules, mesh, var_type=nnx.Param, print_fn=print_fn)
+    placement = None if mesh is None else (
+        lambda abstract: shd.param_shardings(abstract, rules, mesh, var_type=nnx.Param, print_fn=print_fn))
     if is_pretrained(source):
         return load_pretrained(source, kind=kind, model_cls=model_cls, config_cls=config_cls, dtype=dtype,
                                param_dtype=param_dtype, shardings=placement)
@@ -183,9 +184,11 @@ def _init_tiny(make, rules, mesh, print_fn):
     from the same bits. Fully replicated rules use the eager init: compiling a whole model's init (the VAE's
     takes a minute on a CPU) buys nothing when every device holds whole parameters anyway."""
     if any(len(spec) for _, spec in shd.get_rules(rules)):
+        mesh = shd.make_mesh({}, devices=jax.devices()[:1]) if mesh is None else mesh
         return shd.init_sharded(make, rules, mesh, print_fn=print_fn)[0]
     model = make()
-    shd.shard_module(model, rules, mesh, print_fn=print_fn)
+    if mesh is not None:
+        shd.shard_module(model, rules, mesh, print_fn=print_fn)
     return model
 
 

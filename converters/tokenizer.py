@@ -8,8 +8,8 @@ tiny pipeline.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+
+from omnijax.io.atomic import atomic_path
 
 # Pad = 0 and EOS = 1, as in T5/umT5 vocabularies.
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
@@ -57,15 +57,6 @@ def build_tiny_tokenizer(out_dir: str, vocab_size: int = 256) -> str:
                                                        special_tokens=[("</s>", eos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                                    model_max_length=512)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    try:
+    with atomic_path(out_dir, directory=True) as tmp:
         fast.save_pretrained(tmp)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

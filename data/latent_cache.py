@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from data.pipeline import fit_to_latent
+from omnijax.io.atomic import atomic_path, atomic_write
 
 Encoder = Callable[[np.ndarray], np.ndarray]
 LATENT_KEYS = ("z_video", "z_background", "z_alpha")
@@ -42,21 +42,12 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _write_npz(path: str, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def sample_path(out_dir: str, index: int) -> str:

@@ -12,7 +12,7 @@ of the first sample). With --emit-k the last stdout line is K alone, for scripts
 folders) ends with one "error: ..." line on stderr and exit status 2.
 
   python launch/analyze_blocks.py --model tiny --layers 6 --out /tmp/analysis --emit-k   # random model, CPU
-  python launch/analyze_blocks.py --checkpoint /ckpt/Wan2.1-Fun-1.3B-InP --vae /ckpt/Wan2.1_VAE.pth \
+  python launch/analyze_blocks.py --dit /ckpt/Wan2.1-Fun-1.3B-InP --vae /ckpt/Wan2.1_VAE.pth \
       --fg-dir /data/VideoMatte240K_JPEG_HD --bg-dir /data/backgrounds --workers 12 \
       --samples 1000 --frames 81 --size 480x832 --out runs/analysis                 # the paper's setting
 """
@@ -24,31 +24,29 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from data.composite import CompositeConfig  # noqa: E402
-from data.pipeline import latent_friendly, make_pipeline  # noqa: E402
-from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
-from data.synthetic import SyntheticOmnimatte  # noqa: E402
-from launch import common  # noqa: E402  (sets XLA flags first)
-from omnijax.io.video import VideoError  # noqa: E402
-from omnijax.models.wan.dit import WanDiT  # noqa: E402
-from omnijax.models.wan.variants import variant  # noqa: E402
-from omnijax.omnimatte import analysis  # noqa: E402
+from converters import registry
+from data.composite import CompositeConfig
+from data.pipeline import latent_friendly, make_pipeline
+from data.sources import VideoFolderSource, VideoMatteSource
+from data.synthetic import SyntheticOmnimatte
+from launch import common  # noqa: F401,I001  (sets XLA flags before jax initialises a backend)
+from omnijax.io.atomic import atomic_path
+from omnijax.io.video import VideoError
+from omnijax.models.wan.variants import variant
+from omnijax.omnimatte import analysis
 
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="random model variant: tiny, 1.3b, 14b (the -inp form is used)")
     p.add_argument("--layers", type=int, default=None, help="override the number of blocks (random models)")
-    p.add_argument("--checkpoint", default=None, help="DiT weights: a converted omnijax folder or the PyTorch files")
+    p.add_argument("--dit", "--checkpoint", dest="dit", default=None,
+                   help="DiT weights: a converted omnijax folder or the PyTorch files")
     p.add_argument("--vae", default=None, help="Wan VAE: a converted omnijax folder or the .pth; default: a stand-in "
                                                 "pooling encoder, meaningful for random-model smoke runs only")
     p.add_argument("--samples", type=int, default=8, help="synthetic videos to analyse (the paper: 1000)")
@@ -71,15 +69,14 @@ def _args(argv=None):
 
 
 def _model(args):
-    dtype = jnp.dtype(args.dtype)
-    if args.checkpoint:
-        _, model = common.load_model("wan_dit", args.checkpoint, dtype)
-        _check_blocks(model.config.num_layers, args.checkpoint)
+    if args.dit:
+        _, model = registry.load("wan_dit", args.dit, dtype=args.dtype, progress=True)
+        _check_blocks(model.config.num_layers, args.dit)
         return model
     name = args.model if args.model.endswith(("-inp", "-i2v")) else f"{args.model}-inp"
     cfg = variant(name, **({} if args.layers is None else {"num_layers": args.layers}))
     _check_blocks(cfg.num_layers, f"--model {args.model}")  # before building: a 14B model takes a while
-    return WanDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(args.seed))
+    return registry.load("wan_dit", "tiny", config=cfg, dtype=args.dtype, seed=args.seed)[1]
 
 
 def _check_blocks(n, what):
@@ -92,7 +89,7 @@ def _encoder(args):
         return analysis.pool_encoder(seed=args.seed)
     from omnijax.omnimatte.decompose import jit_module_fn
 
-    _, vae = common.load_model("wan_vae", args.vae, jnp.dtype(args.dtype))
+    _, vae = registry.load("wan_vae", args.vae, dtype=args.dtype, progress=True)
     encode = jit_module_fn(vae, lambda m, video: m.encode(video[None])[0])  # one compile per clip shape
     return lambda video: encode(jnp.asarray(video, jnp.float32))
 
@@ -156,15 +153,8 @@ def describe(args, ds) -> dict:
 
 
 def _atomic(path, write):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _plots(res, out):
@@ -213,7 +203,7 @@ def main(argv=None) -> int:
                            seed=args.seed, backend=args.backend, token_threshold=args.token_threshold,
                            progress=lambda i: print(f"sample {i + 1}/{len(ds)}", file=sys.stderr))
     report = {k: v for k, v in res.items() if k != "maps"}
-    report.update(model=args.checkpoint or args.model, num_blocks=len(res["contribution"]), frames=args.frames,
+    report.update(model=args.dit or args.model, num_blocks=len(res["contribution"]), frames=args.frames,
                   size=[ds.cfg.height, ds.cfg.width], data=describe(args, ds),
                   token_weights="fraction" if args.token_threshold is None else f">= {args.token_threshold}",
                   encoder="vae" if args.vae else "pool stand-in", device=jax.devices()[0].platform)

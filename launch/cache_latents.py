@@ -19,16 +19,13 @@ Train from the cache with `python launch/train.py ... --config.input.latent_cach
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.composite import CompositeConfig  # noqa: E402
-from data.latent_cache import cache_latents, posterior_encoder, standin_encoder  # noqa: E402
-from data.pipeline import TfdsOmnimatte, latent_friendly  # noqa: E402
-from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
-from data.synthetic import SyntheticOmnimatte  # noqa: E402
+from data.composite import CompositeConfig
+from data.latent_cache import cache_latents, posterior_encoder, standin_encoder
+from data.pipeline import TfdsOmnimatte, latent_friendly
+from data.sources import VideoFolderSource, VideoMatteSource
+from data.synthetic import SyntheticOmnimatte
 
 
 def vae_encoder(path: str, *, mean_only: bool = False):

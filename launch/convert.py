@@ -14,35 +14,26 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax.numpy as jnp  # noqa: E402
-
-import converters  # noqa: E402
-from launch.common import LOADERS  # noqa: E402
-from omnijax.checkpoint import MODEL_KINDS, save_pretrained  # noqa: E402
-
-DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "float32": jnp.float32}
+import converters
+from converters import registry
+from omnijax.checkpoint import save_pretrained
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, help="checkpoint file or directory")
-    p.add_argument("--kind", required=True, choices=sorted(LOADERS))
+    p.add_argument("--kind", required=True, choices=sorted(registry.MODEL_KINDS))
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--param-dtype", default="bf16", choices=sorted(DTYPES),
+    p.add_argument("--param-dtype", default="bf16", choices=sorted(registry.DTYPES),
                    help="storage dtype of the weights (f32 islands stay f32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = p.parse_args(argv)
-    assert set(LOADERS) == set(MODEL_KINDS)
     if os.path.exists(args.out) and not args.overwrite:
         print(f"error: {args.out} exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
     t0 = time.time()
     try:
-        load = getattr(converters, LOADERS[args.kind])
-        dt = DTYPES[args.param_dtype]
-        config, model = load(args.source, dtype=dt, param_dtype=dt, progress=True)
+        config, model = registry.load(args.kind, args.source, dtype=args.param_dtype, progress=True)
     except (converters.ConversionError, converters.CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,19 +17,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from tqdm.auto import tqdm
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from launch import common  # noqa: E402
-
-DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+from converters import registry
+from launch import common  # noqa: F401,I001  (sets XLA flags before jax initialises a backend)
+from omnijax.io.atomic import atomic_write
 
 
 def read_first_frame(path: str) -> np.ndarray:
@@ -47,13 +42,6 @@ def read_first_frame(path: str) -> np.ndarray:
     return rgb.astype(np.float32) / 127.5 - 1.0
 
 
-def _write_json(path: str, data: dict):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", required=True, help="cache directory (created if missing)")
@@ -67,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="tokenizer directory (Wan: google/umt5-xxl)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     args = p.parse_args(argv)
 
     from converters.tokenizer import build_tiny_tokenizer, load_tokenizer
@@ -80,37 +68,28 @@ def main(argv=None) -> int:
     frames = [*args.images, *args.video]
     if not prompts and not frames:
         p.error("nothing to encode: give --prompts/--prompts-file and/or --images/--video")
-    dtype = DTYPES[args.dtype]
+    source = (lambda path: "tiny") if args.model == "tiny" else (lambda path: path)
     os.makedirs(args.cache, exist_ok=True)
     cond = Conditioner(EmbeddingCache(args.cache), max_length=args.max_length, batch_size=args.batch_size)
     t0 = time.time()
     try:
         if prompts:
             if args.model == "tiny":
-                from omnijax.models.wan.umt5 import UMT5Encoder, umt5_variant
-
-                cond.text_encoder = UMT5Encoder(umt5_variant("tiny"), dtype=dtype, param_dtype=dtype,
-                                                rngs=nnx.Rngs(0))
                 tok_dir = args.tokenizer or os.path.join(args.cache, "tiny_tokenizer")
                 if not os.path.isdir(tok_dir):
                     build_tiny_tokenizer(tok_dir)
+            elif not (args.umt5 and args.tokenizer):
+                p.error("prompts need --umt5 and --tokenizer (or --model tiny)")
             else:
-                if not (args.umt5 and args.tokenizer):
-                    p.error("prompts need --umt5 and --tokenizer (or --model tiny)")
-                cond.text_encoder, tok_dir = common.load_model("umt5", args.umt5, dtype)[1], args.tokenizer
+                tok_dir = args.tokenizer
+            cond.text_encoder = registry.load("umt5", source(args.umt5), dtype=args.dtype, progress=True)[1]
             cond.tokenizer = load_tokenizer(tok_dir)
             for start in tqdm(range(0, len(prompts), args.batch_size), desc="prompts", unit="batch"):
                 cond.text(prompts[start:start + args.batch_size])
         if frames:
-            if args.model == "tiny":
-                from omnijax.models.wan.clip import CLIPVisionTower, clip_variant
-
-                cond.image_encoder = CLIPVisionTower(clip_variant("tiny"), dtype=dtype, param_dtype=dtype,
-                                                     rngs=nnx.Rngs(0))
-            else:
-                if not args.clip:
-                    p.error("images/videos need --clip (or --model tiny)")
-                cond.image_encoder = common.load_model("wan_clip", args.clip, dtype)[1]
+            if args.model != "tiny" and not args.clip:
+                p.error("images/videos need --clip (or --model tiny)")
+            cond.image_encoder = registry.load("wan_clip", source(args.clip), dtype=args.dtype, progress=True)[1]
             for path in tqdm(frames, desc="first frames", unit="frame"):
                 cond.image(read_first_frame(path)[None])
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -128,7 +107,7 @@ def main(argv=None) -> int:
     if frames:
         ids["image"] = {"id": cond.image_id, "source": args.clip or "tiny",
                         "config": cond.image_encoder.config.to_dict()}
-    _write_json(ids_path, ids)
+    atomic_write(ids_path, json.dumps(ids, indent=1))
     print(json.dumps({"cache": os.path.abspath(args.cache), "prompts": len(prompts), "frames": len(frames),
                       "seconds": round(time.time() - t0, 1), **{k: v["id"] for k, v in ids.items()}}))
     return 0

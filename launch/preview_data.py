@@ -11,17 +11,14 @@ the foreground layer over a checkerboard (so the black, semi-transparent shadow 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.composite import CompositeConfig  # noqa: E402
-from data.sources import VideoFolderSource, VideoMatteSource  # noqa: E402
-from data.synthetic import SyntheticOmnimatte  # noqa: E402
-from omnijax.io.video import write_image  # noqa: E402
+from data.composite import CompositeConfig
+from data.sources import VideoFolderSource, VideoMatteSource
+from data.synthetic import SyntheticOmnimatte
+from omnijax.io.video import write_image
 
 COLUMNS = ("video first", "video mid", "video last", "mask", "alpha", "effect mask", "background", "foreground")
 

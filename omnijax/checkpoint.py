@@ -14,14 +14,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from omnijax.io.atomic import atomic_path
 
 FORMAT = 1
 
@@ -40,10 +40,7 @@ def save_pretrained(directory: str, model: nnx.Module, kind: str, *, overwrite: 
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
-    try:
+    with atomic_path(directory, directory=True) as tmp:
         state = nnx.state(model, nnx.Param)
         dtypes = {np.dtype(v.dtype).name for v in jax.tree.leaves(state)}
         ocp.PyTreeCheckpointer().save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))
@@ -54,17 +51,6 @@ def save_pretrained(directory: str, model: nnx.Module, kind: str, *, overwrite: 
                   "param_dtypes": sorted(dtypes), **meta}
         with open(os.path.join(tmp, "omnijax.json"), "w") as f:
             json.dump(header, f, indent=1)
-        if os.path.exists(directory):
-            old = directory + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -49,8 +49,10 @@ def build_models(config, mesh=None):
     if init.tokenizer and init.tokenizer != "tiny" and not os.path.exists(init.tokenizer):
         raise SetupError(f"config.model_init.tokenizer={init.tokenizer} does not exist: {CONVERT_HINT}")
     want = variant(config.model.variant)
-    load = lambda name, kind, offset, **kw: registry.load(kind, init[name], dtype=config.model.dtype, seed=seed + offset,
-                                                          progress=True, **kw)[1]
+
+    def load(name, kind, offset, **kw):
+        return registry.load(kind, init[name], dtype=config.model.dtype, seed=seed + offset, progress=True, **kw)[1]
+
     base = load("dit", "wan_dit", 0, mesh=mesh, rules=config.sharding_rules,
                 config=want if init.dit == "tiny" else None)
     got = base.config

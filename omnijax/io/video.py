@@ -26,12 +26,12 @@ import dataclasses
 import fractions
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import av
 import numpy as np
+
+from omnijax.io.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RGBA_CODECS = {".webm": ("libvpx-vp9", "yuva420p"), ".mov": ("prores_ks", "yuva444p10le")}
@@ -243,21 +243,12 @@ def _frames(frames: np.ndarray | Iterable, channels: tuple[int, ...]) -> Iterato
         yield f
 
 
-def _tmp_beside(path: str, suffix: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=d)
-    os.close(fd)
-    return tmp
-
-
 def _encode(path: str, frames: Iterable, fps: float, codec: str, pix_fmt: str, in_fmt: str,
             options: dict[str, str], even: bool, channels: tuple[int, ...]) -> tuple[int, int, int]:
     suffix = os.path.splitext(path)[1].lower()
-    tmp = _tmp_beside(path, suffix)
     n = 0
     size = None
-    try:
+    with atomic_path(path) as tmp:
         with av.open(tmp, "w", format={".mov": "mov", ".webm": "webm", ".mp4": "mp4", ".mkv": "matroska"}.get(
                 suffix)) as c:
             rate = fractions.Fraction(fps).limit_denominator(1001)
@@ -282,10 +273,6 @@ def _encode(path: str, frames: Iterable, fps: float, codec: str, pix_fmt: str, i
                 raise VideoError(f"{path}: no frames to write")
             for p in s.encode():
                 c.mux(p)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return n, size[0], size[1]
 
 
@@ -342,14 +329,8 @@ def _png_bytes(f: np.ndarray) -> bytes:
 def write_image(path: str, image) -> None:
     """Write one PNG (grey [H, W], RGB or RGBA; uint8 or float in [0, 1]) atomically."""
     (f,) = list(_frames([image], (1, 3, 4)))
-    tmp = _tmp_beside(path, ".png")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(_png_bytes(f))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(_png_bytes(f))
 
 
 def write_frames(folder: str, frames: np.ndarray | Iterable, *, pattern: str = "{:05d}.png",
@@ -367,25 +348,12 @@ def write_frames(folder: str, frames: np.ndarray | Iterable, *, pattern: str = "
     folder = os.path.abspath(folder)
     if os.path.exists(folder) and not overwrite:
         raise VideoError(f"{folder}: exists (pass overwrite=True to replace it)")
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".tmp", dir=parent)
     n = 0
-    try:
+    with atomic_path(folder, directory=True) as tmp:
         for i, f in enumerate(_frames(frames, (1, 3, 4))):
             with open(os.path.join(tmp, pattern.format(i)), "wb") as fh:
                 fh.write(_png_bytes(f))
             n += 1
         if n == 0:
             raise VideoError(f"{folder}: no frames to write")
-        if os.path.exists(folder):
-            old = folder + ".old-" + os.path.basename(tmp)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return n

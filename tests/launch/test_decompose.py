@@ -8,15 +8,16 @@ import pytest
 
 from launch import decompose
 from omnijax.io.video import list_frames, probe, read_video
+from omnijax.omnimatte.decompose import pingpong_indices, processing_size
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "examples", "boys-beach")
 
 
 def test_pingpong_and_sizes():
-    assert decompose.pingpong_indices(4, 9).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
-    assert decompose.pingpong_indices(1, 5).tolist() == [0] * 5
-    assert decompose.processing_size(384, 640, 480) == (480, 800)
-    assert decompose.processing_size(1080, 1920, 480) == (480, 848)
+    assert pingpong_indices(4, 9).tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2]
+    assert pingpong_indices(1, 5).tolist() == [0] * 5
+    assert processing_size(384, 640, 480) == (480, 800)
+    assert processing_size(1080, 1920, 480) == (480, 848)
 
 
 @pytest.mark.skipif(not os.path.isdir(EXAMPLE), reason="shared/examples is not beside the checkout")
