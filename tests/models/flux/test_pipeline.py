@@ -91,3 +91,22 @@ def test_pack_of_vae_latents_and_bad_sizes(world):
         latent_size(o["vae"].config, 30, 32)
     z = o["vae"].encode(jnp.zeros((1, SIZE, SIZE, 3)))
     assert pack_latents(z).shape == (1, (SIZE // 4) ** 2, 64)
+
+
+@pytest.mark.parametrize("kind", ["flux_vae", "t5", "clip_l"])
+def test_converted_folders_round_trip(kind, tmp_path):
+    """launch/convert.py's output for the new kinds restores to the same parameters and config."""
+    from omnijax.checkpoint import load_pretrained, save_pretrained
+    from omnijax.models.flux.pipeline import tiny_components
+    from omnijax.params import flat_params
+
+    _, vae, t5, clip = tiny_components(seed=1)
+    model = {"flux_vae": vae, "t5": t5, "clip_l": clip}[kind]
+    save_pretrained(str(tmp_path / kind), model, kind)
+    config, back = load_pretrained(str(tmp_path / kind), kind=kind, **F32)
+    assert config == model.config
+    want = {k: np.asarray(v.get_value()) for k, v in flat_params(model).items()}
+    got = {k: np.asarray(v.get_value()) for k, v in flat_params(back).items()}
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
