@@ -91,10 +91,9 @@ def image_models(args, dtype):
 
 
 def run(args) -> dict:
+    from converters import registry
     from omnijax.io.video import write_image
     from omnijax.models.flux.pipeline import decode_latents, latent_size, sample_latents, to_uint8
-
-    from converters import registry
 
     dtype = registry.dtype_of(args.dtype)
     size = DEFAULTS[args.model]["size"]

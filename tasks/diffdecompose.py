@@ -7,7 +7,8 @@ seed.
 
 One step: AlphaBlend host batch {composite, foreground, background [B, H, W, 3] in [0, 1], subtask [B]} ->
 `make_batch` (frozen, jitted: the Flux VAE encodes the three images; the subtask's prompt embedding is a row of
-the table built once in `build`) -> {z_composite, z_foreground, z_background [B, h, w, Z], txt [B, S, D], y [B, V]}
+the table built once in `build`; with `input.latent_cache` the latents come from data/layer_cache.py and the VAE
+does not run) -> {z_composite, z_foreground, z_background [B, h, w, Z], txt [B, S, D], y [B, V]}
 -> `loss` (omnijax.diffdecompose.model.decompose_loss). T5 and CLIP run only while `build` embeds the six subtask
 prompts, and not at all when `input.conditioning_cache` already holds them (their identities are recorded in
 the cache, so the encoders are not even loaded).
@@ -163,14 +164,40 @@ def dataset(config, *, seed: int, length: int = 10_000):
         raise SetupError(f"config.input: {e}") from None
 
 
+CACHE_HINT = ("build one with `python launch/cache_layer_latents.py --config configs/diffdecompose.py --out DIR "
+              "--num N` (the same config as training)")
+
+
+def latent_cache_source(config):
+    """The LayerLatentSource of input.latent_cache, checked against the config's image size."""
+    from data.layer_cache import LayerLatentSource
+
+    inp = config.input
+    try:
+        source = LayerLatentSource(inp.latent_cache)
+    except FileNotFoundError as e:
+        raise SetupError(f"input.latent_cache: {e}; {CACHE_HINT}") from None
+    if list(source.meta["image_size"]) != [int(inp.height), int(inp.width)]:
+        h, w = source.meta["image_size"]
+        raise SetupError(f"latent cache {inp.latent_cache} holds {w}x{h} images, config.input asks for "
+                         f"{inp.width}x{inp.height}: set --config.input.height/width to the cache's size")
+    return source
+
+
 def input_pipeline(config, *, seed: int):
+    """Pixel samples (BATCH_KEYS) from the generator, or with input.latent_cache the cached latents (+ subtask)."""
+    from data.layer_cache import LATENTS
     from data.pipeline import make_pipeline
 
     inp = config.input
     if inp.batch_size % jax.process_count():
         raise SetupError(f"input.batch_size {inp.batch_size} is not divisible by {jax.process_count()} processes")
-    return make_pipeline(dataset(config, seed=seed), batch_size=inp.batch_size // jax.process_count(), seed=seed,
-                         keys=BATCH_KEYS, num_threads=inp.num_threads)
+    if inp.latent_cache:
+        source, keys = latent_cache_source(config), LATENTS + ("subtask",)
+    else:
+        source, keys = dataset(config, seed=seed), BATCH_KEYS
+    return make_pipeline(source, batch_size=inp.batch_size // jax.process_count(), seed=seed, keys=keys,
+                         num_threads=inp.num_threads)
 
 
 def make_prepare(vae, txt_table, y_table, *, sample: bool = False):
@@ -192,12 +219,24 @@ def make_prepare(vae, txt_table, y_table, *, sample: bool = False):
 
 
 def make_batch(models: Models, config, mesh):
+    """fn(host batch, key) -> the loss's inputs as global arrays (the VAE runs only on pixel batches)."""
+    from data.layer_cache import LATENTS
+
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     f = models.frozen
-    prepare = make_prepare(f["vae"], f["txt"], f["y"], sample=bool(config.input.vae_sample))
+    if config.input.latent_cache:
+        if config.input.vae_sample:
+            raise SetupError("the latent cache holds posterior means: set input.vae_sample=False to train on it")
+        keys = LATENTS + ("subtask",)
+        txt_table, y_table = jnp.asarray(f["txt"]), jnp.asarray(f["y"])
+        lookup = jax.jit(lambda b: dict(b, txt=txt_table[b["subtask"]], y=y_table[b["subtask"]]))
+        prepare = lambda batch, key: lookup(batch)
+    else:
+        keys = BATCH_KEYS
+        prepare = make_prepare(f["vae"], f["txt"], f["y"], sample=bool(config.input.vae_sample))
 
     def batch_fn(host_batch, key):
-        arrays = {k: np.asarray(host_batch[k], np.int32 if k == "subtask" else np.float32) for k in BATCH_KEYS}
+        arrays = {k: np.asarray(host_batch[k], np.int32 if k == "subtask" else np.float32) for k in keys}
         glob = jax.tree.map(lambda x: jax.make_array_from_process_local_data(split, x), arrays)
         return prepare(glob, key)
 
