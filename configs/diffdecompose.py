@@ -17,7 +17,7 @@ Colon-args (`configs/diffdecompose.py:subtasks=watermark+xray,res=1024x512,runlo
   res       512 (default) | WxH   training size; the paper: 512x512 for flare / occlusion / watermark and
             "512x1024" for glassware / cell / xray (orientation not stated)
   logo      a LOGO variant folder (e.g. /data/logo/10khigh): train on LOGO instead of synthesis, 256x256
-  runlocal  (flag) 64x64 procedural data, batch 1
+  runlocal  (flag) tiny random Flux / VAE / T5 / CLIP, f32, 64x64 procedural data, batch 1, 4 steps (CPU)
 """
 
 from __future__ import annotations

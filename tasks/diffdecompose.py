@@ -60,6 +60,9 @@ def prompt_table(config, encoders=None) -> tuple[np.ndarray, np.ndarray]:
     """(txt [6, S, D], y [6, V]) of the six subtask prompts in SUBTASKS order (a batch's `subtask` ids index it).
 
     encoders: fn() -> (t5, t5 tokenizer, clip, clip tokenizer), called only when the cache cannot answer.
+    The encoder identities (weights fingerprints) of a cache fill are recorded under the encoder *paths*, dtype and
+    text length, so that a later run answers without loading the encoders; if the files at those paths change,
+    delete IDS_FILE from the cache.
     """
     from omnijax.conditioning import EmbeddingCache
     from omnijax.models.flux.pipeline import FluxConditioner
@@ -69,7 +72,8 @@ def prompt_table(config, encoders=None) -> tuple[np.ndarray, np.ndarray]:
     cache = EmbeddingCache(cache_dir) if cache_dir else None
     init = config.model_init
     key = json.dumps(dict(t5=init.t5, clip=init.clip, t5_tokenizer=init.t5_tokenizer,
-                          clip_tokenizer=init.clip_tokenizer, max_length=max_length, seed=config.seed), sort_keys=True)
+                          clip_tokenizer=init.clip_tokenizer, max_length=max_length, dtype=config.model.dtype,
+                          seed=config.seed), sort_keys=True)
     ids_path = os.path.join(cache_dir, IDS_FILE) if cache_dir else ""
     known = {}
     if ids_path and os.path.exists(ids_path):
