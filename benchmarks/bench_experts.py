@@ -75,13 +75,16 @@ def _mem(compiled):
 
 
 def flops(cfg, n, ctx_tokens, expert, *, train: bool) -> dict:
+    from omnijax.layers.branch_attention import alpha_sees_background, background_sees_alpha
+
     d, f, nl = cfg.dim, cfg.ffn_dim, cfg.num_layers
     lin_tok = 2 * (4 * d * d) + 2 * (2 * d * d) + 2 * (2 * d * f)  # self q,k,v,o; cross q,o; FFN
     cross_kv = 2 * 2 * d * d * ctx_tokens  # cross k,v (+ k_img, v_img) on the context, per set and block
     cross_attn = 4 * n * ctx_tokens * d
     io = n * (2 * cfg.in_dim * 4 * d + 2 * d * 4 * cfg.out_dim)  # patch embed + head, per set
-    pair_blocks = {"A": 4, "B": 3, "C": 2}[expert.mask]  # N^2 blocks of the 2N x 2N map the mask keeps
-    sets = 1 if (train and expert.mask == "C") else 2
+    sees_bg, sees_alpha = alpha_sees_background(expert.mask), background_sees_alpha(expert.mask)
+    pair_blocks = 2 + sees_bg + sees_alpha  # N^2 blocks of the 2N x 2N map the mask keeps (A 4, B 3, C 2)
+    sets = 1 if (train and not expert.background_in_training) else 2
     if sets == 1:
         pair_blocks = 1
     lora_tok = sum(2 * expert.rank * (d + (f if t == "ffn.linear_1" else d)) if t.startswith("ffn") else
@@ -93,7 +96,7 @@ def flops(cfg, n, ctx_tokens, expert, *, train: bool) -> dict:
     out = {"forward": fwd, "forward_total": sum(fwd.values())}
     if train:
         back_blocks = nl - expert.blocks[0]
-        alpha_keys = {"A": 2, "B": 2, "C": 1}[expert.mask]
+        alpha_keys = 1 + sees_bg
         bwd = {"linear_dx": n * back_blocks * lin_tok, "lora": 2 * n * nb * lora_tok,
                "self_attention": 2 * 4 * n * alpha_keys * n * d * back_blocks,
                "cross_attention": 2 * cross_attn * back_blocks}
@@ -115,7 +118,7 @@ def _inputs(cfg, frames, hh, ww, key):
 def bench_expert(model, inp, n_tokens, backend, repeats, remat):
     cfg, expert = model.base.config, model.expert
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-    zb_train = None if expert.mask == "C" else inp["z_bg"]
+    zb_train = inp["z_bg"] if expert.background_in_training else None
 
     def forward(lora, rest, zb, za, t, ctx, clip, y):
         m = nnx.merge(graphdef, lora, rest)

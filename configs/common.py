@@ -57,8 +57,10 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
                    num_threads=4, fg_dir="", bg_dir="", conditioning_cache="", latent_cache="", vae_sample=True)
     # remat: trainable blocks that recompute their forward in the backward pass (-1 all, 0 none, n the first n
     # adapted ones); see EasyOmnimatte.__call__. Lower it for shorter clips, raise it if the step runs out of memory.
+    # context_method: how the branch self-attention splits tokens over a mesh "context" axis > 1 (auto | ulysses |
+    # ring, omnijax.parallel.context); fixed when the model is built.
     c.model = dict(variant=BASES[a["base"]]["variant"], dtype="bf16", remat=BASES[a["base"]]["remat"][expert],
-                   attention="auto")
+                   attention="auto", context_method="auto")
     # Weights (converters.registry.load): a converted folder (python launch/convert.py ...), the original files, or
     # "tiny" (random weights; the DiT is then a random model.variant). The same names as the CLIs' flags.
     c.model_init = dict(dit="", vae="", umt5="", clip="", tokenizer="")

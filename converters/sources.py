@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from omnijax.checkpoint import CheckpointError
+
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -26,11 +28,11 @@ _ST_DTYPES = {
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint could not be read."""
+class SourceCheckpointError(CheckpointError):
+    """Original (PyTorch-side) weights could not be read."""
 
 
-class UnsafeCheckpointError(CheckpointError):
+class UnsafeCheckpointError(SourceCheckpointError):
     """A pickle checkpoint needs more than torch's weights-only loader allows."""
 
 
@@ -44,7 +46,7 @@ class SafetensorsFile(Mapping):
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+            raise SourceCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
         self.metadata = header.pop("__metadata__", {}) or {}
         self._header = header
         self._offset = 8 + n
@@ -62,12 +64,12 @@ class SafetensorsFile(Mapping):
     def __getitem__(self, key) -> np.ndarray:
         info = self._header[key]
         if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+            raise SourceCheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         dtype = np.dtype(_ST_DTYPES[info["dtype"]])
         start, end = info["data_offsets"]
         count = int(np.prod(info["shape"], dtype=np.int64))
         if end - start != count * dtype.itemsize:
-            raise CheckpointError(f"{self.path}: tensor {key!r} is truncated or corrupt")
+            raise SourceCheckpointError(f"{self.path}: tensor {key!r} is truncated or corrupt")
         arr = np.frombuffer(self._buffer(), dtype=dtype, count=count, offset=self._offset + start)
         return arr.reshape(info["shape"])
 
@@ -84,7 +86,7 @@ class MergedMapping(Mapping):
         for p in parts:
             for k in p:
                 if k in self._where:
-                    raise CheckpointError(f"key {k!r} appears in more than one checkpoint file")
+                    raise SourceCheckpointError(f"key {k!r} appears in more than one checkpoint file")
                 self._where[k] = p
 
     def __getitem__(self, key):
@@ -146,11 +148,11 @@ def load_torch_pickle(path: str) -> Mapping:
             f"checkpoints with torch's weights-only loader. Convert it to safetensors in a trusted environment. "
             f"(torch said: {str(e).splitlines()[0]})") from e
     except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
+        raise SourceCheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # training checkpoints wrap the weights (as VideoX-Fun's loader unwraps)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise SourceCheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return _ArrayMapping(obj)
 
 
@@ -160,7 +162,7 @@ def open_checkpoint(source) -> Mapping:
         return _ArrayMapping(source)
     path = os.fspath(source)
     if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise SourceCheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
         if index:
@@ -172,13 +174,13 @@ def open_checkpoint(source) -> Mapping:
             pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
             if len(pickles) == 1:
                 return load_torch_pickle(os.path.join(path, pickles[0]))
-            raise CheckpointError(f"{path}: no .safetensors files (and not exactly one .pth) in this directory")
+            raise SourceCheckpointError(f"{path}: no .safetensors files (and not exactly one .pth) in this directory")
         return MergedMapping([SafetensorsFile(os.path.join(path, f)) for f in files])
     if path.endswith(".safetensors"):
         return SafetensorsFile(path)
     if path.endswith(PICKLE_SUFFIXES):
         return load_torch_pickle(path)
-    raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, a directory, or .pth)")
+    raise SourceCheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, a directory, or .pth)")
 
 
 def read_config_json(source) -> dict | None:

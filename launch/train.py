@@ -68,12 +68,13 @@ def train(config, workdir: str):
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpt)
         rng = jax.random.key(config.seed)
         first_step, chrono_state = 0, None
+        meta = ckpt.metadata()
+        if meta is not None and meta["extra"].get("signature") != models.signature:  # before any array is read
+            raise SetupError(f"{ckpt.directory} step {meta['step']} was trained with {meta['extra'].get('signature')}, "
+                             f"this config gives {models.signature}: resume with the same settings or use a new "
+                             "workdir")
         restored = ckpt.restore(model, optimizer)
         if restored is not None:
-            saved = restored.extra.get("signature")
-            if saved != models.signature:
-                raise SetupError(f"{ckpt.directory} step {restored.step} was trained with {saved}, this config "
-                                 f"gives {models.signature}: resume with the same settings or use a new workdir")
             first_step, rng, chrono_state = restored.step, restored.rng, restored.extra.get("chrono")
             data_iter.set_state(restored.data_state)
             logging.info("resumed from step %d", first_step)

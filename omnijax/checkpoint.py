@@ -26,6 +26,15 @@ from omnijax.io.atomic import atomic_path
 FORMAT = 1
 
 
+class CheckpointError(ValueError):
+    """The one checkpoint-error family: a converted model, training state or original weight file cannot be read
+    or does not fit its target (omnijax.training.checkpoint and converters raise it or subclasses)."""
+
+
+class NotACheckpointError(CheckpointError, FileNotFoundError):
+    """The path holds no checkpoint of the expected kind."""
+
+
 def _import(ref: str):
     mod, _, name = ref.partition(":")
     return getattr(importlib.import_module(mod), name)
@@ -62,13 +71,13 @@ def is_pretrained(directory: str) -> bool:
 def read_header(directory: str) -> dict:
     path = os.path.join(directory, "omnijax.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise NotACheckpointError(
             f"{directory} is not an omnijax checkpoint (no omnijax.json); convert PyTorch weights with "
             f"`python launch/convert.py --source ... --out {directory}`")
     with open(path) as f:
         header = json.load(f)
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {header.get('format')!r} "
+        raise CheckpointError(f"{path}: unsupported checkpoint format {header.get('format')!r} "
                          f"(this omnijax reads {FORMAT})")
     return header
 
@@ -87,10 +96,10 @@ def load_pretrained(directory: str, *, kind: str | None = None, model_cls=None, 
     """
     header = read_header(directory)
     if kind is not None and header["kind"] != kind:
-        raise ValueError(f"{directory} holds a {header['kind']!r} checkpoint, expected {kind!r}")
+        raise CheckpointError(f"{directory} holds a {header['kind']!r} checkpoint, expected {kind!r}")
     if model_cls is None or config_cls is None:
         if "model" not in header:
-            raise ValueError(f"{directory}: the header names no model class; load it through converters.registry")
+            raise CheckpointError(f"{directory}: the header names no model class; load it through converters.registry")
         model_cls, config_cls = model_cls or _import(header["model"]), config_cls or _import(header["config_class"])
     config = config_cls.from_dict(header["config"])
     abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))

@@ -1,8 +1,8 @@
 """The EasyOmnimatte task: train one expert (Effect or Quality) on synthetic composites (tasks/__init__.py).
 
-Config keys read here: input.*, model.{variant, dtype, remat, attention}, model_init.{dit, vae, umt5, clip,
-tokenizer}, lora.*, expert.{name, k, analysis}, loss.{shift, max_abs_error}, sampler.{steps, tau},
-evals.export_formats, sharding_rules, seed.
+Config keys read here: input.*, model.{variant, dtype, remat, attention, context_method},
+model_init.{dit, vae, umt5, clip, tokenizer}, lora.*, expert.{name, k, analysis}, loss.{shift, max_abs_error},
+sampler.{steps, tau}, evals.export_formats, sharding_rules, seed.
 
 Input: pixel composites VAE-encoded inside the step (default), or with `input.latent_cache` the VAE posteriors
 written by launch/cache_latents.py (the encoder is then never run). Both paths end in
@@ -34,8 +34,8 @@ MODEL_FILES = (("dit", "wan_dit"), ("vae", "wan_vae"), ("umt5", "umt5"), ("clip"
 def build_models(config, mesh=None):
     """(base WanDiT, WanVAE, Conditioner) from config.model_init: each "tiny" (random) or a path.
 
-    The base is placed by config.sharding_rules on `mesh` and the VAE replicated on it, both created already
-    sharded; the text and image encoders run on one device (their outputs are cached per prompt / frame).
+    The base is placed by config.sharding_rules on `mesh`, the VAE and CLIP replicated on it, all created already
+    placed; umT5 runs on one device (its outputs are cached per prompt). Without a mesh nothing is placed.
     """
     from omnijax.models.wan import variant
 
@@ -60,8 +60,10 @@ def build_models(config, mesh=None):
                                                                    want.model_type):
         raise SetupError(f"config.model_init.dit={init.dit} holds a {got.num_layers}-block dim-{got.dim} "
                          f"{got.model_type} model, config.model.variant={config.model.variant!r} is not that model")
-    vae = load("vae", "wan_vae", 1, mesh=mesh, rules="replicated")  # encodes the sharded batch (pixel path)
-    umt5, clip = load("umt5", "umt5", 2), load("clip", "wan_clip", 3)
+    # The VAE and CLIP encode the sharded batch every step: replicated on the mesh. umT5 encodes the empty prompt
+    # once (and is usually served by the embedding cache): it stays on one device.
+    vae = load("vae", "wan_vae", 1, mesh=mesh, rules="replicated")
+    umt5, clip = load("umt5", "umt5", 2), load("clip", "wan_clip", 3, mesh=mesh, rules="replicated")
     tokenizer = init.tokenizer or ("tiny" if init.umt5 == "tiny" else None)
     if tokenizer is None:
         raise SetupError(f"config.model_init.tokenizer is not set: {CONVERT_HINT}")
@@ -104,7 +106,7 @@ def build(config, mesh) -> Models:
     except ValueError as err:
         raise SetupError(str(err)) from None
     model = EasyOmnimatte(base, expert, lora_param_dtype=registry.dtype_of(config.lora.param_dtype),
-                          rngs=nnx.Rngs(config.seed))
+                          rngs=nnx.Rngs(config.seed), mesh=mesh, context_method=config.model.context_method)
     # The base is in place already; this places the new adapters and records every spec for the optimizer.
     sharding.shard_module(model, config.sharding_rules, mesh, print_fn=None)
     return Models(trainable=model, frozen=dict(vae=vae, conditioner=cond), signature=dict(expert=expert.to_dict()))
@@ -217,11 +219,21 @@ def make_batch(models: Models, config, mesh):
     # The paper trains without text: every example gets the empty prompt's embedding.
     context = to_global(np.stack(cond.text([""]) * local), split)
 
+    if cond.cache is None:
+        # No embedding cache: CLIP runs on the device on the global first frames (no host round trip per step).
+        from omnijax.models.wan.clip import preprocess_frames
+        from omnijax.omnimatte.decompose import jit_module_fn
+
+        clip_of = jit_module_fn(cond.image_encoder, lambda m, frames: m(preprocess_frames(
+            frames.astype(np.float32) / 127.5 - 1.0, m.config.image_size)))
+    else:  # cached features are read on the host; CLIP runs only for frames the cache has not seen
+        clip_of = lambda frames: to_global(cond.image(np.asarray(frames).astype(np.float32) / 127.5 - 1.0), split)
+
     def batch_fn(host_batch, key):
         arrays, first_frames = host_inputs(host_batch)
         batch = prepare(to_global(arrays, split), key)
         batch["context"] = context
-        batch["clip"] = to_global(cond.image(first_frames.astype(np.float32) / 127.5 - 1.0), split)
+        batch["clip"] = clip_of(to_global(first_frames, split) if cond.cache is None else first_frames)
         return batch
 
     return batch_fn

@@ -58,7 +58,8 @@ def dense_branch_mask(length: int, mask: str) -> np.ndarray:
 
 
 def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = "auto",
-                     freeze_background: bool = False, splash_interpret: bool = False):
+                     freeze_background: bool = False, splash_interpret: bool = False, context_mesh=None,
+                     context_method: str = "auto"):
     """Attention of the two sets under a branch mask.
 
     Args:
@@ -70,6 +71,9 @@ def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = 
       freeze_background: put the background keys/values seen by alpha queries under stop_gradient (training:
         X_B depends on nothing trainable, so no backward work flows into it).
       splash_interpret: run the splash kernel in Pallas interpret mode (CPU tests of the TPU path).
+      context_mesh: a mesh whose "context" axis (size > 1) splits the tokens: the calls then go through
+        omnijax.parallel.context (Ulysses / ring by `context_method`). None: plain fused attention. The choice is
+        the caller's (the model's, fixed when it is built), never read from an enclosing `jax.set_mesh`.
     Returns:
       (o_b, o_a), each [B, L, N, K]; o_b is None when q_b is None.
     """
@@ -85,7 +89,7 @@ def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = 
         if q_b is None:  # only the alpha set: plain full attention of X_A
             return None, _splash_full(q_a, k_a, v_a, interpret=splash_interpret)
         return _splash_branch(q_b, k_b_seen, v_b_seen, q_a, k_a, v_a, mask=mask, interpret=splash_interpret)
-    attn = _attention_on_mesh(impl)
+    attn = _attention_fn(impl, context_mesh, context_method)
     if mask == "C":
         o_b = None if q_b is None else attn(q_b, k_b, v_b)
         return o_b, attn(q_a, k_a, v_a)
@@ -99,14 +103,12 @@ def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = 
     return out[:, :q_b.shape[1]], out[:, q_b.shape[1]:]
 
 
-def _attention_on_mesh(impl: str):
-    """Plain fused attention, or context-parallel attention when the mesh set by jax.set_mesh has a "context" axis
-    of size > 1 (the residual streams are then split over tokens; see omnijax.omnimatte.branch)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and dict(zip(mesh.axis_names, mesh.axis_sizes)).get("context", 1) > 1:
+def _attention_fn(impl: str, context_mesh, context_method: str):
+    """Plain fused attention, or context-parallel attention when `context_mesh` has a "context" axis of size > 1."""
+    if context_mesh is not None and dict(context_mesh.shape).get("context", 1) > 1:
         from omnijax.parallel.context import context_attention
 
-        return functools.partial(context_attention, mesh=mesh, backend=impl)
+        return functools.partial(context_attention, mesh=context_mesh, backend=impl, method=context_method)
     return functools.partial(attention, backend=impl)
 
 

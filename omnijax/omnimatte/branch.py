@@ -12,10 +12,11 @@ The two sets travel as separate [B, L, D] arrays, not one 2L sequence: the backg
 backward pass at all (under masks B and C it depends on nothing trainable and is put under stop_gradient),
 and a Quality Expert training step (mask C) runs the alpha set alone.
 
-Sharding: each residual stream is constrained to ("batch", "tokens", "embed") after the embedding and at every
-block's output (omnijax.sharding.constrain: batch over data x fsdp, tokens over context). With a context axis
-> 1 XLA then keeps the whole block (norms, projections, FFN, not only attention) split over tokens; without a
-mesh the constraint is a no-op.
+Sharding: the mesh is fixed when the expert is built (`mesh=`, or `set_mesh`), never read from an enclosing
+`jax.set_mesh`. With a mesh, each residual stream is constrained to ("batch", "tokens", "embed") after the
+embedding and at every block's output (omnijax.sharding.constrain: batch over data x fsdp, tokens over context),
+and with a context axis > 1 the branch self-attention is context-parallel (`context_method`: Ulysses / ring), so
+XLA keeps whole blocks split over tokens. Without a mesh the model runs plain, on whatever devices hold it.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from omnijax.omnimatte.experts import ExpertConfig
 from omnijax.sharding import constrain
 
 
-def _residual(x):
-    """Pins a residual stream [B, L, D] to batch x tokens (None passes through)."""
-    return None if x is None else constrain(x, "batch", "tokens", "embed")
+def _residual(x, mesh):
+    """Pins a residual stream [B, L, D] to batch x tokens on `mesh` (None passes through; no mesh: unchanged)."""
+    return x if x is None or mesh is None else constrain(x, "batch", "tokens", "embed", mesh=mesh)
 
 
 def _target_dims(cfg, target: str) -> tuple[int, int]:
@@ -71,8 +72,11 @@ class BranchLoRA(nnx.Module):
         return self.blocks.get(str(index))
 
 
-def branch_block(blk, lora, x_b, x_a, e0, text, image, rope, *, mask: str, backend: str, freeze_background: bool):
-    """One WanBlock over both sets. x_b may be None (mask C, alpha set alone). Returns (x_b, x_a)."""
+def branch_block(blk, lora, x_b, x_a, e0, text, image, rope, *, mask: str, backend: str, freeze_background: bool,
+                 mesh=None, context_method: str = "auto"):
+    """One WanBlock over both sets. x_b may be None (mask C, alpha set alone). Returns (x_b, x_a).
+
+    mesh, context_method: the model's placement (see the module docstring); None runs the block plain."""
     cos, sin = rope
     cross_backend = "auto" if backend == "splash" else backend  # splash serves the self-attention masks only
     mod = blk.modulate(e0)
@@ -82,11 +86,11 @@ def branch_block(blk, lora, x_b, x_a, e0, text, image, rope, *, mask: str, backe
     if x_b is not None:
         q_b, k_b, v_b = blk.self_attn.qkv(blk.attn_input(x_b, mod), cos, sin)
     o_b, o_a = branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, mask=mask, backend=backend,
-                                freeze_background=freeze_background)
+                                freeze_background=freeze_background, context_mesh=mesh, context_method=context_method)
     x_a = blk.finish(x_a, blk.self_attn.project(o_a, sa), mod, text, image, backend=cross_backend, lora=lora)
     if x_b is not None:
         x_b = blk.finish(x_b, blk.self_attn.project(o_b), mod, text, image, backend=cross_backend)
-    return _residual(x_b), _residual(x_a)
+    return _residual(x_b, mesh), _residual(x_a, mesh)
 
 
 class EasyOmnimatte(nnx.Module):
@@ -96,11 +100,16 @@ class EasyOmnimatte(nnx.Module):
     """
 
     def __init__(self, base: WanDiT, expert: ExpertConfig, *, lora_dtype=None, lora_param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, mesh=None, context_method: str = "auto"):
         self.base = base
         self.expert = expert
+        self.set_mesh(mesh, context_method)
         self.lora = BranchLoRA(base.config, expert, dtype=base.dtype if lora_dtype is None else lora_dtype,
                                param_dtype=lora_param_dtype, rngs=rngs)
+
+    def set_mesh(self, mesh, context_method: str = "auto") -> None:
+        """The mesh the expert runs on (activation constraints, context-parallel attention); None: plain."""
+        self.mesh, self.context_method = mesh, context_method
 
     def __call__(self, z_bg, z_alpha, timesteps, context, clip_features=None, y=None, *, train: bool = False,
                  attention_backend: str = "auto", remat: bool | int = False):
@@ -131,14 +140,14 @@ class EasyOmnimatte(nnx.Module):
             raise ValueError(f"background latent {z_bg.shape} and alpha latent {z_alpha.shape} differ in shape")
         x_a, rope, grid = base.embed(z_alpha, y)
         x_b = None if skip_bg else base.embed(z_bg, y)[0]  # same grid, so the RoPE positions are the same
-        x_a, x_b = _residual(x_a), _residual(x_b)
+        x_a, x_b = _residual(x_a, self.mesh), _residual(x_b, self.mesh)
         e, e0, text, image = base.condition(timesteps, context, clip_features)
         # Unless the background queries see the alpha set (mask A), nothing trainable reaches the background set.
         freeze_bg = train and not background_sees_alpha(mask)
         first = self.expert.blocks[0]
         def step(blk, lora, x_b, x_a):
             return branch_block(blk, lora, x_b, x_a, e0, text, image, rope, mask=mask, backend=attention_backend,
-                                freeze_background=freeze_bg)
+                                freeze_background=freeze_bg, mesh=self.mesh, context_method=self.context_method)
 
         recompute = remat_blocks(remat, first, len(base.blocks))
         step_remat = _rematerialized(step)

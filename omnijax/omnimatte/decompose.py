@@ -83,11 +83,14 @@ class Decomposer:
     def __init__(self, effect, quality, vae, conditioner, *, attention_backend: str = "auto",
                  encode_frames_per_step: int = 2, decode_frames_per_step: int = 4):
         self.vae, self.conditioner = vae, conditioner
+        self.sampler_traces = 0  # times the sampler was traced: a recompile check for callers and tests
         self._graphdef, self._state = nnx.split(ExpertPair(effect, quality))
         dtype = effect.base.dtype
 
         def expert(name):
             def velocity(z, sigma, cond):
+                if name == "effect":
+                    self.sampler_traces += 1
                 model = getattr(nnx.merge(self._graphdef, cond["params"]), name)
                 t = jnp.full((z["background"].shape[0],), 1000.0 * sigma, jnp.float32)
                 v_bg, v_alpha = model(z["background"].astype(dtype), z["alpha"].astype(dtype), t, cond["context"],

@@ -27,11 +27,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from omnijax.checkpoint import CheckpointError
 from omnijax.params import path_str
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the model/optimizer it is restored into, or none exists."""
+class TrainingCheckpointError(CheckpointError):
+    """A training checkpoint does not fit the model/optimizer it is restored into, or the step does not exist."""
 
 
 @dataclasses.dataclass
@@ -130,6 +131,15 @@ class Checkpointer:
         return self._manager.save(int(step), args=args, force=force)
 
     # --- restore
+    def metadata(self, step: int | None = None) -> dict | None:
+        """The JSON metadata {"step", "data_state", "rng_impl", "extra"} of checkpoint `step` (default: the latest),
+        read without touching the arrays (e.g. to compare settings before a restore); None without checkpoints."""
+        self._manager.wait_until_finished()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def _read(self, step: int, params_target: dict, opt_target: dict | None):
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         key_target = {"key": jax.ShapeDtypeStruct((2,) if meta["rng_impl"] is None else
@@ -140,7 +150,7 @@ class Checkpointer:
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit the target: {e}") from e
+            raise TrainingCheckpointError(f"checkpoint {self.directory}/{step} does not fit the target: {e}") from e
         return out, meta
 
     @staticmethod
@@ -163,7 +173,7 @@ class Checkpointer:
         if step is None:
             return None
         if step not in self.all_steps():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+            raise TrainingCheckpointError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
         targets = {"params": _flat(nnx.state(model, self.wrt))}
         if optimizer is not None:
             targets["opt"] = _flat(nnx.state(optimizer))
@@ -188,7 +198,7 @@ class Checkpointer:
             return
         have, want = set(stored.keys()), set(targets)
         if have != want:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} item {item!r}: missing "
+            raise TrainingCheckpointError(f"checkpoint {self.directory}/{step} item {item!r}: missing "
                                   f"{sorted(want - have)[:10]}, unexpected {sorted(have - want)[:10]}")
 
     # --- lifecycle

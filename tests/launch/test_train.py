@@ -100,6 +100,15 @@ def test_quality_expert_runlocal_smoke(tmp_path):
     losses = _losses(out)
     assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
     assert os.path.isfile(os.path.join(out, "lora_quality_omnijax.safetensors"))
+    # A resume with other adapter settings stops at the restore with one line naming both.
+    with pytest.raises(SetupError, match=r"trained with .*'rank': 4.* this config gives .*'rank': 8"):
+        train_cli.train(_config(quality_expert, total_steps=3, **{"lora.rank": 8}), out)
+
+
+def test_expert_k_and_analysis_are_exclusive(tmp_path):
+    c = _config(effect_expert, **{"expert.k": 2, "expert.analysis": str(tmp_path / "a.json")})
+    with pytest.raises(SetupError, match="both set K: keep one"):
+        task.expert_config(c, 6)
 
 
 def test_missing_model_init_says_how_to_convert(tmp_path):

@@ -46,10 +46,12 @@ def setup():
 
 def test_context_sharded_step_equals_single_device(setup):
     model, d, target = setup
+    model.set_mesh(None)
     loss1, grads1 = _loss_and_lora_grads(model, d, target)  # no mesh: the constraints are no-ops
     mesh = S.make_mesh(MESH)
     with jax.set_mesh(mesh):
         S.shard_module(model, "fsdp", mesh, print_fn=None)
+        model.set_mesh(mesh)
         loss8, grads8 = _loss_and_lora_grads(model, S.host_to_global(d, mesh), S.host_to_global(target, mesh))
     assert loss8 == pytest.approx(loss1, rel=1e-5)
     assert set(grads8) == set(grads1) and len(grads1) == 6  # q, v, linear_1 (a, b) of the one adapted block
@@ -68,11 +70,13 @@ def test_branch_self_attention_runs_context_parallel(setup, monkeypatch):
     real = cp.context_attention
     monkeypatch.setattr(cp, "context_attention", lambda q, k, v, **kw: calls.append((q.shape, k.shape)) or
                         real(q, k, v, **kw))
+    model.set_mesh(None)
     _loss_and_lora_grads(model, d, target)
     assert calls == []  # no mesh: plain attention
     mesh = S.make_mesh(MESH)
     with jax.set_mesh(mesh):
         S.shard_module(model, "fsdp", mesh, print_fn=None)
+        model.set_mesh(mesh)
         _loss_and_lora_grads(model, S.host_to_global(d, mesh), S.host_to_global(target, mesh))
     # Mask B, 2 blocks: bg over bg (16 keys) and alpha over [bg; alpha] (32 keys) in each block.
     assert sorted(calls) == sorted([((2, 16, 2, 32), (2, 16, 2, 32)), ((2, 16, 2, 32), (2, 32, 2, 32))] * 2), calls
@@ -84,6 +88,7 @@ def test_blocks_are_split_over_tokens(setup):
     mesh = S.make_mesh(MESH)
     with jax.set_mesh(mesh):
         S.shard_module(model, "fsdp", mesh, print_fn=None)
+        model.set_mesh(mesh)
         d = S.host_to_global(d, mesh)
         graphdef, state = nnx.split(model)
 
@@ -93,7 +98,7 @@ def test_blocks_are_split_over_tokens(setup):
             x_b = base.embed(d["z_bg"], d["y"])[0]
             _, e0, text, image = base.condition(d["timesteps"], d["context"], d["clip_features"])
             return branch_block(base.blocks[0], None, x_b, x_a, e0, text, image, rope, mask="B", backend="xla",
-                                freeze_background=False)
+                                freeze_background=False, mesh=mesh)
 
         x_b, x_a = jax.jit(first_block)(state, d)
         want = NamedSharding(mesh, P("fsdp", "context", None))

@@ -14,7 +14,7 @@ from omnijax.sampling import (
     sample,
     switch_index,
 )
-from omnijax.sampling.reference import reference_sample
+from tests.sampling.reference import reference_sample
 
 _RNG = np.random.default_rng(0)
 MIX = jnp.asarray(_RNG.standard_normal((64, 64)) / 8, jnp.float32)  # time mixing, cut to the window length
