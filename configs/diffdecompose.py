@@ -83,12 +83,13 @@ def get_config(arg=None):
     c.wd = 0.0
     c.grad_clip_norm = 1.0
     c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)  # the paper trains on one GPU
-    c.sharding_rules = "replicated"
+    c.sharding_rules = "flux"  # omnijax.sharding's Flux rules (fsdp / tensor); with fsdp = tensor = 1 replicated
     c.total_steps = 50_000 if height != width else 30_000
     c.log_steps = 10
     c.ckpt_steps = 1000
     c.keep_ckpt = 3
-    c.evals = dict(preview_steps=2000, preview_sampler_steps=28, export_formats=("omnijax", "comfy"))
+    # export_formats: omnijax.models.flux.lora_files (omnijax, bfl, kohya = ComfyUI / sd-scripts, diffusers).
+    c.evals = dict(preview_steps=2000, preview_sampler_steps=28, export_formats=("omnijax", "kohya", "diffusers"))
     # Sampling: guidance on the noisy layers and text; mu of the time shift from one layer's tokens or both.
     c.sampler = dict(steps=28, guidance=3.5, mu_tokens="layer")
     if a["runlocal"]:

@@ -1,7 +1,8 @@
 """PyTorch -> Flax weight conversion: one engine (engine.py), one key table per model (tables/).
 
-Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip, load_flux_dit. Each takes a path or a
-mapping name -> array and returns (config, model). Imports are lazy so that one model's loader does not
+Public loaders (DESIGN.md): load_wan_dit, load_wan_vae, load_umt5, load_wan_clip, load_flux_dit, load_flux_vae,
+load_t5 (T5 v1.1), load_clip_text (CLIP-L text). Each takes a path or a mapping name -> array and returns
+(config, model). Imports are lazy so that one model's loader does not
 pull in the others.
 """
 

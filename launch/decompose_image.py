@@ -66,13 +66,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def lora_metadata(args):
     """(ICDSettings, stored prompt block or None) from the --lora file's header (else --fg-ids)."""
+    from omnijax.diffdecompose.lora_io import read_extra
     from omnijax.diffdecompose.model import ICDSettings
-    from omnijax.models.flux.lora_files import LoRAFileError, read_metadata
+    from omnijax.omnimatte.lora_io import LoRAFileError
 
     extra = {}
     if args.lora:
         try:
-            extra = read_metadata(args.lora)
+            extra = read_extra(args.lora)
         except LoRAFileError as e:
             raise InputError(str(e)) from None
     icd = ICDSettings.from_dict(extra["icd"]) if "icd" in extra else ICDSettings(fg_ids=args.fg_ids)
@@ -80,13 +81,13 @@ def lora_metadata(args):
 
 
 def load_lora(args, config):
-    from omnijax.models.flux.lora_files import LoRAFileError
-    from omnijax.models.flux.lora_files import load_lora as load
+    from omnijax.models.flux.lora_files import load_flux_lora
+    from omnijax.omnimatte.lora_io import LoRAFileError
 
     if not args.lora:
         return None
     try:
-        return load(args.lora, config)[0]
+        return load_flux_lora(args.lora, config)
     except LoRAFileError as e:
         raise InputError(str(e)) from None
 
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--clip", help="CLIP-L text encoder (text_encoder/) or omnijax dir")
     p.add_argument("--t5-tokenizer", help="T5 tokenizer directory (tokenizer_2/)")
     p.add_argument("--clip-tokenizer", help="CLIP tokenizer directory (tokenizer/)")
-    p.add_argument("--lora", help="the trained DiffDecompose LoRA (launch/train.py export; omnijax or comfy format)")
+    p.add_argument("--lora", help="the trained DiffDecompose LoRA (launch/train.py export; any Flux LoRA format)")
     p.add_argument("--fg-ids", choices=["panel", "axis0"], default="panel",
                    help="foreground position ids when the LoRA file does not record them")
     p.add_argument("--size", default=None, help="processing size N or WxH, multiples of 16 (512; 64 for tiny)")

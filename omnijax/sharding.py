@@ -37,7 +37,7 @@ MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 Rule = tuple[str, P]
 
-# Named rule sets for the Wan DiT (omnijax.models.wan.WanDiT and the branch model built on it).
+# Named rule sets for the Wan DiT (omnijax.models.wan.WanDiT and the branch model built on it) and Flux.
 # Kernels are [I, O] (patch embedding [pt, ph, pw, C, D]); vectors (biases, norm scales) and the f32
 # modulation tables are small and replicated.
 RULE_SETS: dict[str, tuple[Rule, ...]] = {
@@ -63,6 +63,22 @@ RULE_SETS: dict[str, tuple[Rule, ...]] = {
         (r"blocks\.\d+\.(self_attn|cross_attn)\.o\.kernel$", P("tensor", "fsdp")),
         (r"blocks\.\d+\.ffn\.linear_1\.kernel$", P("fsdp", "tensor")),
         (r"blocks\.\d+\.ffn\.linear_2\.kernel$", P("tensor", "fsdp")),
+        (r"(^|\.)kernel$", P("fsdp", None)),
+        (".*", P()),
+    ),
+    # Flux (omnijax.models.flux.FluxDiT, BFL tree): fsdp on every kernel's input dim plus tensor parallelism of
+    # the attention / MLP matrices (qkv, MLP-in and linear1 split their output, proj / MLP-out / linear2 their
+    # input). With tensor = 1 it is plain fsdp. The fused qkv columns are (q|k|v) x heads, so a tensor split cuts
+    # between q, k and v rather than between heads: XLA inserts the reshard; it stays correct at any size.
+    # Full-size dims (64, 256, 768, 3072, 4096, 9216, 12288, 15360, 21504) divide by fsdp x tensor up to 8.
+    "flux": (
+        (r"(^|\.)(bias|scale)$", P()),
+        (r"double_blocks\.\d+\.(img|txt)_attn\.qkv\.kernel$", P("fsdp", "tensor")),
+        (r"double_blocks\.\d+\.(img|txt)_attn\.proj\.kernel$", P("tensor", "fsdp")),
+        (r"double_blocks\.\d+\.(img|txt)_mlp\.linear_1\.kernel$", P("fsdp", "tensor")),
+        (r"double_blocks\.\d+\.(img|txt)_mlp\.linear_2\.kernel$", P("tensor", "fsdp")),
+        (r"single_blocks\.\d+\.linear1\.kernel$", P("fsdp", "tensor")),
+        (r"single_blocks\.\d+\.linear2\.kernel$", P("tensor", "fsdp")),
         (r"(^|\.)kernel$", P("fsdp", None)),
         (".*", P()),
     ),

@@ -117,10 +117,11 @@ def make_lora(config, flux_config):
 
     dtype, pd = registry.dtype_of(config.model.dtype), registry.dtype_of(config.lora.param_dtype)
     if config.model_init.get("lora"):
-        from omnijax.models.flux.lora_files import LoRAFileError, load_lora
+        from omnijax.models.flux.lora_files import load_flux_lora
+        from omnijax.omnimatte.lora_io import LoRAFileError
 
         try:
-            return load_lora(config.model_init.lora, flux_config, dtype=dtype, param_dtype=pd)[0]
+            return load_flux_lora(config.model_init.lora, flux_config, dtype=dtype, param_dtype=pd)
         except (LoRAFileError, OSError) as e:
             raise SetupError(f"config.model_init.lora: {e}") from None
     spec = lora_spec(flux_config, int(config.lora.rank), float(config.lora.alpha), targets=tuple(config.lora.targets))
@@ -293,10 +294,11 @@ def make_preview(models: Models, config):
 
 
 def export(model, config, workdir: str) -> list[str]:
-    """The LoRA in every format of config.evals.export_formats (lora_diffdecompose_<format>.safetensors), with the
-    ICD settings and the prompt block in its metadata so that sampling uses what training used."""
-    from omnijax.models.flux.lora_files import save_lora
+    """The LoRA in every format of config.evals.export_formats (lora_diffdecompose_<format>.safetensors; formats of
+    omnijax.models.flux.lora_files), with the ICD settings and the prompt block in its metadata so that sampling
+    uses what training used."""
+    from omnijax.diffdecompose.lora_io import save_decomposer_lora
 
     extra = dict(icd=model.settings.to_dict(), prompt=json.loads(config.prompt.to_json()))
-    return [save_lora(os.path.join(workdir, f"lora_diffdecompose_{fmt}.safetensors"), model.lora, fmt, extra)
-            for fmt in config.evals.export_formats]
+    return [save_decomposer_lora(os.path.join(workdir, f"lora_diffdecompose_{fmt}.safetensors"), model.lora,
+                                 fmt=fmt, extra=extra) for fmt in config.evals.export_formats]

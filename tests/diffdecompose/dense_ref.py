@@ -17,10 +17,7 @@ import numpy as np
 def _module(root, path: str):
     m = root
     for part in path.split("."):
-        if part.isdigit() and hasattr(m, "linear_1"):  # BFL's mlp.0 / mlp.2 are the MLP's two Linears
-            m = m.linear_1 if part == "0" else m.linear_2
-        else:
-            m = m[int(part)] if part.isdigit() else getattr(m, part)
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
     return m
 
 
@@ -105,9 +102,10 @@ def dense_flux(dit, lora, segments, txt, y, txt_t, txt_g=None):
         v = jnp.concatenate([qt[:, :, 2], qi[:, :, 2]], 1)
         o = _attn(rope(q), rope(k), v).reshape(b, -1, d)
         img = img + i3 * lin(p + "img_attn.proj", o[:, s:], m_img)
-        img = img + i6 * lin(p + "img_mlp.2", gelu(lin(p + "img_mlp.0", _ln(img) * (1 + i5) + i4, m_img)), m_img)
+        hid = gelu(lin(p + "img_mlp.linear_1", _ln(img) * (1 + i5) + i4, m_img))
+        img = img + i6 * lin(p + "img_mlp.linear_2", hid, m_img)
         tx = tx + t3 * lin(p + "txt_attn.proj", o[:, :s])
-        tx = tx + t6 * lin(p + "txt_mlp.2", gelu(lin(p + "txt_mlp.0", _ln(tx) * (1 + t5) + t4)))
+        tx = tx + t6 * lin(p + "txt_mlp.linear_2", gelu(lin(p + "txt_mlp.linear_1", _ln(tx) * (1 + t5) + t4)))
     x = jnp.concatenate([tx, img], axis=1)
     v_all = jnp.concatenate([jnp.broadcast_to(v_txt[:, None], (b, s, d)), v_img], axis=1)
     m_all = jnp.concatenate([jnp.zeros((s,)), m_img])

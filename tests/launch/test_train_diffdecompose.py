@@ -8,7 +8,8 @@ import numpy as np
 
 from configs import diffdecompose
 from launch import train as train_cli
-from omnijax.models.flux.lora_files import load_lora
+from omnijax.diffdecompose.lora_io import read_extra
+from omnijax.models.flux.lora_files import load_flux_lora
 from omnijax.models.flux.variants import variant
 
 
@@ -50,7 +51,9 @@ def test_runlocal_trains_resumes_previews_and_exports(tmp_path):
         m = json.load(f)
     assert {"bg_rmse", "bg_psnr", "fg_rmse", "baseline_bg_rmse"} <= set(m)
     cfg = variant("tiny", in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32)
-    for fmt in ("omnijax", "comfy"):
-        lora, extra = load_lora(os.path.join(wd, f"lora_diffdecompose_{fmt}.safetensors"), cfg)
-        assert lora.adapters() and extra["icd"]["fg_ids"] == "panel"
+    for fmt in ("omnijax", "kohya", "diffusers"):
+        path = os.path.join(wd, f"lora_diffdecompose_{fmt}.safetensors")
+        lora = load_flux_lora(path, cfg)
+        assert lora.adapters() and read_extra(path)["icd"]["fg_ids"] == "panel"
+        assert read_extra(path)["prompt"]["template"].startswith("Three sub-images.")
         assert any(float(np.abs(np.asarray(a.lora_b[...])).max()) > 0 for a in lora.adapters().values())

@@ -222,12 +222,13 @@ class DoubleStreamBlock(nnx.Module, _Mixin):
         a = self.img_attn.proj(out[:, lt:], pick("img_attn.proj", ir, li))
         img = _per_segment(lambda x, y, m: self.gated_add(x, y, m[:, 2]), layout.bounds, (img, a), (im,))
         h = _per_segment(lambda x, m: self.modulated(x, m[:, 3], m[:, 4]), layout.bounds, (img,), (im,))
-        y = self.img_mlp(h, pick("img_mlp.0", ir, li), pick("img_mlp.2", ir, li))
+        y = self.img_mlp(h, pick("img_mlp.linear_1", ir, li), pick("img_mlp.linear_2", ir, li))
         img = _per_segment(lambda x, y, m: self.gated_add(x, y, m[:, 5]), layout.bounds, (img, y), (im,))
 
         txt = self.gated_add(txt, self.txt_attn.proj(out[:, :lt], pick("txt_attn.proj", tr, lt)), tm[:, 2])
         h = self.modulated(txt, tm[:, 3], tm[:, 4])
-        txt = self.gated_add(txt, self.txt_mlp(h, pick("txt_mlp.0", tr, lt), pick("txt_mlp.2", tr, lt)), tm[:, 5])
+        y = self.txt_mlp(h, pick("txt_mlp.linear_1", tr, lt), pick("txt_mlp.linear_2", tr, lt))
+        txt = self.gated_add(txt, y, tm[:, 5])
         return img, txt
 
 

@@ -1,4 +1,5 @@
-"""LoRA adapters for FluxDiT, addressed by BFL module paths ("double_blocks.3.img_attn.qkv").
+"""LoRA adapters for FluxDiT, addressed by the model's module paths ("double_blocks.3.img_attn.qkv", BFL names
+except the MLPs: "img_mlp.linear_1" for BFL's "img_mlp.0").
 
 Axis letters: I input features, O output features, R rank.
 
@@ -19,13 +20,13 @@ from flax import nnx
 from omnijax.layers.lora import LoRA
 from omnijax.models.flux.variants import FluxConfig
 
-DOUBLE_TARGETS = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
-                  "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")
+DOUBLE_TARGETS = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.linear_1", "img_mlp.linear_2",
+                  "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.linear_1", "txt_mlp.linear_2")
 SINGLE_TARGETS = ("modulation.lin", "linear1", "linear2")
 TOP_TARGETS = ("img_in", "txt_in")
 # OminiControl's image-stream list in BFL names (spec §4.1), the default for DiffDecompose-style training.
-IMAGE_STREAM_TARGETS = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.2", "modulation.lin", "linear1",
-                        "linear2")
+IMAGE_STREAM_TARGETS = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.linear_2", "modulation.lin",
+                        "linear1", "linear2")
 
 _PATH = re.compile(r"(?:(double_blocks|single_blocks)\.(\d+)\.)?(.+)\Z")
 
@@ -33,11 +34,11 @@ _PATH = re.compile(r"(?:(double_blocks|single_blocks)\.(\d+)\.)?(.+)\Z")
 def target_dims(cfg: FluxConfig, target: str) -> tuple[int, int]:
     """(in, out) features of the Linear at a block-relative (or top-level) BFL target."""
     d, f = cfg.hidden_size, cfg.mlp_hidden
-    dims = {"img_mod.lin": (d, 6 * d), "txt_mod.lin": (d, 6 * d), "img_attn.qkv": (d, 3 * d),
-            "txt_attn.qkv": (d, 3 * d), "img_attn.proj": (d, d), "txt_attn.proj": (d, d), "img_mlp.0": (d, f),
-            "txt_mlp.0": (d, f), "img_mlp.2": (f, d), "txt_mlp.2": (f, d), "modulation.lin": (d, 3 * d),
-            "linear1": (d, 3 * d + f), "linear2": (d + f, d), "img_in": (cfg.in_channels, d),
-            "txt_in": (cfg.context_in_dim, d)}
+    dims = {"img_in": (cfg.in_channels, d), "txt_in": (cfg.context_in_dim, d), "modulation.lin": (d, 3 * d),
+            "linear1": (d, 3 * d + f), "linear2": (d + f, d)}
+    for s in ("img", "txt"):
+        dims |= {f"{s}_mod.lin": (d, 6 * d), f"{s}_attn.qkv": (d, 3 * d), f"{s}_attn.proj": (d, d),
+                 f"{s}_mlp.linear_1": (d, f), f"{s}_mlp.linear_2": (f, d)}
     if target not in dims:
         raise ValueError(f"unknown Flux LoRA target {target!r}; known: {sorted(dims)}")
     return dims[target]
