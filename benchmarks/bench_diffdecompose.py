@@ -155,7 +155,8 @@ def main(argv=None):
     latent = lambda i: jax.random.normal(k[i], (1, lat, lat, z))
     batch = dict(z_composite=latent(0), z_foreground=latent(1), z_background=latent(2), txt=jnp.asarray(txt, dtype),
                  y=jnp.asarray(y, jnp.float32))
-    loss = lambda m, b, r: decompose_loss(m, b, r, remat=not tiny, attention_backend=args.attention)[0]
+    remat = {"full": True, "none": False}.get(args.remat, args.remat)
+    loss = lambda m, b, r: decompose_loss(m, b, r, remat=remat, attention_backend=args.attention)[0]
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
     step, state = make_train_step(model, optimizer, loss)
     rng = jax.random.key(1)
@@ -175,7 +176,8 @@ def main(argv=None):
     tokens = 3 * (lat // 2) ** 2
     flops = 3 * forward_flops(dit_cfg, txt.shape[1], tokens)
     result["train_step"] = dict(
-        tokens=dict(text=int(txt.shape[1]), image=tokens), step_s=round(step_s, 4), compile_s=round(compile_s, 1),
+        tokens=dict(text=int(txt.shape[1]), image=tokens), remat=args.remat, step_s=round(step_s, 4),
+        compile_s=round(compile_s, 1),
         tflop_per_step=round(flops / 1e12, 2), mfu=round(flops / step_s / H100_BF16_PEAK, 4),
         loss=float(metrics["loss"]), finite=bool(metrics["finite"]), peak_gb=jax_peak_gb(),
         compiled_temp_gb=None if mem is None else round(getattr(mem, "temp_size_in_bytes", 0) / 2**30, 2),
