@@ -89,6 +89,8 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (128; 4 tiny)")
     p.add_argument("--n", type=int, default=None, help="warm repetitions (3; 1 tiny)")
     p.add_argument("--attention", default="auto")
+    p.add_argument("--remat", default="none", help="training step: none, full or a jax.checkpoint_policies name "
+                   "(docs/benchmarks.md: no remat is 28 %% faster at 512² and fits 80 GB)")
     p.add_argument("--no-text", action="store_true", help="skip T5/CLIP (random prompt embeddings of their shape)")
     args = p.parse_args(argv)
     tiny = args.tiny
