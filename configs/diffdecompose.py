@@ -1,20 +1,23 @@
-"""DiffDecompose (Flux.1 + LoRA r128, In-Context Decomposition with LPEC): the data and prompt part.
+"""DiffDecompose (Flux.1 + LoRA r128, In-Context Decomposition with LPEC), trained by launch/train.py.
 
     python launch/preview_layers.py --out sheet.png                       # look at the training data
-    python launch/train.py --config configs/diffdecompose.py --workdir runs/ddecomp     # once the task lands
+    python launch/train.py --config configs/diffdecompose.py:runlocal --workdir /tmp/dd       # tiny, CPU
+    python launch/train.py --config configs/diffdecompose.py --workdir runs/dd \
+        --config.model_init.dit=/ckpt/flux1-dev.safetensors --config.model_init.vae=/ckpt/ae.safetensors \
+        --config.model_init.t5=/ckpt/t5 --config.model_init.t5_tokenizer=/ckpt/t5_tokenizer \
+        --config.model_init.clip=/ckpt/clip-l --config.model_init.clip_tokenizer=/ckpt/clip_tokenizer \
+        --config.input.conditioning_cache=/ckpt/dd_cond
 
-The DiffDecompose task module and its trainer wiring are issue #18's second half and not here yet: this file
-already fixes what the data side provides (`input`), the prompt of the paper with the blending type (`prompt`)
-and the paper's optimisation numbers (LoRA rank 128, batch 1, lr 1e-4, 30k steps; 50k for the 512x1024
-subtasks). `data.alphablend.dataset_from_config(config.input)` builds the data source,
-`data.alphablend.prompts_from_config(config.prompt)` the per-subtask prompts to embed once.
+The task is tasks/diffdecompose.py (model: omnijax/diffdecompose/). The paper's numbers: LoRA rank 128, batch 1,
+lr 1e-4, 30k steps (50k for the 512x1024 subtasks). `data.alphablend.dataset_from_config(config.input)` builds
+the data source, `data.alphablend.prompts_from_config(config.prompt)` the six per-subtask prompts embedded once.
 
 Colon-args (`configs/diffdecompose.py:subtasks=watermark+xray,res=1024x512,runlocal`):
   subtasks  '+'-separated subset of flare, occlusion, watermark, glassware, cell, xray (default: all six)
   res       512 (default) | WxH   training size; the paper: 512x512 for flare / occlusion / watermark and
             "512x1024" for glassware / cell / xray (orientation not stated)
   logo      a LOGO variant folder (e.g. /data/logo/10khigh): train on LOGO instead of synthesis, 256x256
-  runlocal  (flag) 64x64 procedural data, batch 1
+  runlocal  (flag) tiny random Flux / VAE / T5 / CLIP, f32, 64x64 procedural data, batch 1, 4 steps (CPU)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 from data.alphablend import DESCRIPTIONS, PROMPT_TEMPLATE, SUBTASKS
+from omnijax.models.flux.lora import IMAGE_STREAM_TARGETS
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -40,6 +44,7 @@ def parse_arg(arg: str | None) -> dict:
 def get_config(arg=None):
     a = parse_arg(arg)
     c = ml_collections.ConfigDict()
+    c.task = "tasks.diffdecompose"
     c.seed = 0
     w, _, h = a["res"].partition("x")
     height, width = (int(h), int(w)) if h else (int(w), int(w))
@@ -47,17 +52,54 @@ def get_config(arg=None):
         height = width = 256  # the LOGO protocol's size
     # Samples carry composite / foreground / background [H, W, 3] and a `subtask` id (data/alphablend.py).
     # fg_dir / bg_dir: "" = procedural layers; fg_alpha: "channel" (RGBA files) or "luminance" (light on black).
+    # conditioning_cache: a folder for the six prompt embeddings (T5 + CLIP run once, later runs load neither).
+    # vae_sample: train on a posterior draw of each image per step instead of the posterior mean.
+    # latent_cache: a folder written by launch/cache_layer_latents.py; training then never runs the VAE encoder.
     c.input = dict(source="logo" if a["logo"] else "procedural", subtasks=tuple(a["subtasks"].split("+")),
                    height=height, width=width, batch_size=1, num_threads=4, fg_dir="", bg_dir="",
-                   fg_alpha="channel", logo_root=a["logo"], logo_split="train", latent_cache="",
-                   conditioning_cache="")
+                   fg_alpha="channel", logo_root=a["logo"], logo_split="train", conditioning_cache="",
+                   vae_sample=False, latent_cache="")
     # The paper's template; descriptions: subtask -> (foreground, background, blending type).
     c.prompt = dict(template=PROMPT_TEMPLATE, descriptions={s: list(DESCRIPTIONS[s]) for s in SUBTASKS})
-    c.lora = dict(rank=128, alpha=128.0)
+    c.text = dict(max_length=512)  # T5 tokens (dev's 512)
+    # remat: recompute each Flux block in the backward pass (True, False or a jax.checkpoint_policies name).
+    c.model = dict(dtype="bf16", remat=True, attention="auto")
+    # Weights (converters.registry.load): "tiny", a converted folder (launch/convert.py --kind flux_dit ...) or the
+    # original files (flux1-dev.safetensors, ae.safetensors, T5 / CLIP folders); tokenizers: folders or "tiny".
+    # lora: a Flux LoRA file to start from (omnijax.models.flux.lora_files), "" = fresh adapters.
+    c.model_init = dict(dit="", vae="", t5="", clip="", t5_tokenizer="", clip_tokenizer="", lora="")
+    # Paper: rank 128 (alpha = rank: scale 1) on the image stream (OminiControl's target list, spec §4.1).
+    c.lora = dict(rank=128, alpha=128.0, targets=IMAGE_STREAM_TARGETS, param_dtype="f32")
+    # In-Context Decomposition: the foreground's own position ids ("panel" = (0, r, c + w/2), "axis0" = (1, r, c);
+    # fixed between training and sampling, stored with the LoRA), LoRA switches of (composite, foreground,
+    # background) -- (True, False, False) is OminiControl's condition-only ablation -- and the composite's guidance.
+    c.icd = dict(fg_ids="panel", lora_on=(True, True, True), composite_guidance=1.0)
+    # t ~ sigmoid(N(0, 1)) (OminiControl) or uniform; guidance 1 while training a dev model (spec §3.5);
+    # weights of the (foreground, background) flow-matching terms.
+    c.loss = dict(t_sampling="logit_normal", guidance=1.0, weights=(1.0, 1.0), nonfinite_patience=3)
+    c.schedule = dict(warmup_steps=0, decay_type="constant")
+    c.optax = dict(b1=0.9, b2=0.999, eps=1e-8)
     c.lr = 1e-4
+    c.wd = 0.0
+    c.grad_clip_norm = 1.0
+    c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1)  # the paper trains on one GPU
+    c.sharding_rules = "flux"  # omnijax.sharding's Flux rules (fsdp / tensor); with fsdp = tensor = 1 replicated
     c.total_steps = 50_000 if height != width else 30_000
+    c.log_steps = 10
+    c.ckpt_steps = 1000
+    c.keep_ckpt = 3
+    # export_formats: omnijax.models.flux.lora_files (omnijax, bfl, kohya = ComfyUI / sd-scripts, diffusers).
+    c.evals = dict(preview_steps=2000, preview_sampler_steps=28, export_formats=("omnijax", "kohya", "diffusers"))
+    # Sampling: guidance on the noisy layers and text; mu of the time shift from one layer's tokens or both.
+    c.sampler = dict(steps=28, guidance=3.5, mu_tokens="layer")
     if a["runlocal"]:
         c.input.update(height=64, width=64, num_threads=0)
+        c.text.max_length = 16
+        c.model.update(dtype="f32", remat=False, attention="xla")
+        c.model_init = dict(dit="tiny", vae="tiny", t5="tiny", clip="tiny", t5_tokenizer="tiny",
+                            clip_tokenizer="tiny", lora="")
         c.lora.update(rank=4, alpha=4.0)
-        c.total_steps = 4
+        c.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
+        c.total_steps, c.log_steps, c.ckpt_steps = 4, 1, 2
+        c.evals.update(preview_steps=4, preview_sampler_steps=2)
     return c

@@ -65,6 +65,15 @@ MODEL_KINDS: dict[str, ModelKind] = {
                       "converters.umt5:load_umt5", "converters.registry:_tiny_umt5"),
     "wan_clip": ModelKind("omnijax.models.wan.clip:CLIPVisionTower", "omnijax.models.wan.clip:CLIPVisionConfig",
                           "converters.clip:load_wan_clip", "converters.registry:_tiny_wan_clip"),
+    # Flux.1 (DiffDecompose): the tiny rows fit each other (packed latent = 4 x VAE channels, text widths).
+    "flux_dit": ModelKind("omnijax.models.flux.dit:FluxDiT", "omnijax.models.flux.variants:FluxConfig",
+                          "converters.flux_dit:load_flux_dit", "converters.registry:_tiny_flux_dit"),
+    "flux_vae": ModelKind("omnijax.models.flux.vae:FluxVAE", "omnijax.models.flux.vae:FluxVAEConfig",
+                          "converters.flux_vae:load_flux_vae", "converters.registry:_tiny_flux_vae"),
+    "t5": ModelKind("omnijax.models.wan.umt5:UMT5Encoder", "omnijax.models.wan.umt5:UMT5Config",
+                    "converters.umt5:load_t5", "converters.registry:_tiny_t5"),
+    "clip_l": ModelKind("omnijax.models.flux.clip_text:CLIPTextModel", "omnijax.models.flux.clip_text:CLIPTextConfig",
+                        "converters.clip_text:load_clip_text", "converters.registry:_tiny_clip_l"),
 }
 
 
@@ -90,6 +99,32 @@ def _tiny_wan_clip():
     from omnijax.models.wan.clip import clip_variant
 
     return clip_variant("tiny")
+
+
+def _tiny_flux_vae():
+    from omnijax.models.flux.vae import flux_vae_variant
+
+    return flux_vae_variant("tiny")
+
+
+def _tiny_t5():
+    from omnijax.models.wan.umt5 import umt5_variant
+
+    return umt5_variant("tiny-t5")
+
+
+def _tiny_clip_l():
+    from omnijax.models.flux.clip_text import clip_text_variant
+
+    return clip_text_variant("tiny")
+
+
+def _tiny_flux_dit():
+    from omnijax.models.flux.variants import variant
+
+    z = _tiny_flux_vae().z_dim
+    return variant("tiny", in_channels=4 * z, out_channels=4 * z, vec_in_dim=_tiny_clip_l().width,
+                   context_in_dim=_tiny_t5().d_model)
 
 
 def model_kind(kind: str) -> ModelKind:

@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from launch import common  # noqa: E402  (sets XLA flags first)
+from launch import common  # noqa: E402, F401  (sets XLA flags first)
 
 DEFAULTS = {"tiny": dict(size=32, steps=4), "flux": dict(size=1024, steps=28)}
 
@@ -41,7 +41,9 @@ def load(kind: str, source: str, dtype):
     """(config, model) of one kind from a path: the one place that loads weights (swap for a registry later)."""
     if not os.path.exists(source):
         raise InputError(f"--{kind} weights not found: {source}")
-    return common.load_model(kind, source, dtype)
+    from converters import registry
+
+    return registry.load(kind, source, dtype=dtype, progress=True)
 
 
 def text_encoders(args, dtype):
@@ -89,10 +91,11 @@ def image_models(args, dtype):
 
 
 def run(args) -> dict:
+    from converters import registry
     from omnijax.io.video import write_image
     from omnijax.models.flux.pipeline import decode_latents, latent_size, sample_latents, to_uint8
 
-    dtype = common.DTYPES[args.dtype]
+    dtype = registry.dtype_of(args.dtype)
     size = DEFAULTS[args.model]["size"]
     height, width = args.height or size, args.width or size
     steps = args.steps or DEFAULTS[args.model]["steps"]
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=512, help="T5 tokens (512 dev; BFL uses 256 for schnell)")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/omnijax/conditioning"),
                    help="embedding cache directory ('' to disable)")
-    p.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     args = p.parse_args(argv)
     try:
         report = run(args)
