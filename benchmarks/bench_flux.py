@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import H100_BF16_PEAK, emit, jax_peak_gb, time_jax, time_torch  # noqa: E402
+from benchmarks.common import H100_BF16_PEAK, emit, jax_peak_gb, random_module, time_jax, time_torch  # noqa: E402
 from omnijax.models.flux import FluxDiT, FluxLoRA, Segment, lora_spec, variant  # noqa: E402
 from omnijax.models.flux.lora import IMAGE_STREAM_TARGETS  # noqa: E402
 from omnijax.omnimatte.decompose import jit_module_fn  # noqa: E402
@@ -80,18 +80,7 @@ def torch_random(cfg, dtype, dev, seed=0):
 
 def jax_random(cfg, dtype, seed=0):
     """FluxDiT with random bf16 weights drawn directly on the device (no host copy of 24 GB)."""
-    abstract = nnx.eval_shape(lambda: FluxDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    leaves, key = [], jax.random.key(seed)
-    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
-        v = var.get_value()
-        k = jax.random.fold_in(key, i)
-        if path[-1] == "kernel":
-            arr = jax.random.normal(k, v.shape, v.dtype) * (v.shape[0] ** -0.5)
-        else:
-            arr = jnp.ones(v.shape, v.dtype) if path[-1] == "scale" else jnp.zeros(v.shape, v.dtype)
-        leaves.append((path, var.replace(arr)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return random_module(lambda: FluxDiT(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), seed)
 
 
 def make_inputs(cfg, grids, txt_len, seed=0):

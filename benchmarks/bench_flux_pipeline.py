@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import emit, jax_peak_gb  # noqa: E402
+from benchmarks.common import emit, jax_peak_gb, random_module  # noqa: E402
 from converters import load_clip_text, load_flux_vae, load_t5  # noqa: E402
 from converters.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402
 from omnijax.models.flux import FluxDiT, variant  # noqa: E402
@@ -235,7 +235,7 @@ def bench_text_to_image(s, dev, n, dit_ref, vae, vae_ref, t5_ref, clip_ref, tok,
     # Independent random weights, initialised on the device: converting 24 GB through the host (the fused q/k/v
     # views copy strided bf16 at well under 1 GB/s) would cost minutes of a benchmark that only times the DiT.
     t = time.perf_counter()
-    dit = nnx.jit(lambda: FluxDiT(s["dit"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    dit = random_module(lambda: FluxDiT(s["dit"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     jax.block_until_ready(nnx.state(dit))
     init_s = time.perf_counter() - t
     h, w = latent_size(vae.config, s["image"], s["image"])
