@@ -82,7 +82,7 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     c.log_steps = 10
     c.ckpt_steps = 500
     c.keep_ckpt = 3
-    c.evals = dict(preview_steps=1000, export_formats=("omnijax", "kohya", "peft"))
+    c.evals = dict(preview_steps=1000, export_formats=("omnijax", "kohya", "peft", "comfy"))
     # The preview's sampler (the expert being trained stands in for both experts there).
     c.sampler = dict(steps=4, tau=0.5)
     if a["runlocal"]:

@@ -88,8 +88,9 @@ def get_config(arg=None):
     c.log_steps = 10
     c.ckpt_steps = 1000
     c.keep_ckpt = 3
-    # export_formats: omnijax.models.flux.lora_files (omnijax, bfl, kohya = ComfyUI / sd-scripts, diffusers).
-    c.evals = dict(preview_steps=2000, preview_sampler_steps=28, export_formats=("omnijax", "kohya", "diffusers"))
+    # export_formats: omnijax.models.flux.lora_files.FORMATS. peft loads in both diffusers loaders at the right scale
+    # (alpha folded), comfy in ComfyUI, kohya in sd-scripts (README, "LoRA files").
+    c.evals = dict(preview_steps=2000, preview_sampler_steps=28, export_formats=("omnijax", "peft", "comfy", "kohya"))
     # Sampling: guidance on the noisy layers and text; mu of the time shift from one layer's tokens or both.
     c.sampler = dict(steps=28, guidance=3.5, mu_tokens="layer")
     if a["runlocal"]:

@@ -49,7 +49,7 @@ def test_effect_expert_resume_is_exact(tmp_path):
     assert [b[s] for s in steps] == [a[s] for s in steps]  # bit-identical floats
     assert len(set(a.values())) == 6  # the steps really differ
     # Exported LoRA files in every format, identical between the two runs.
-    for fmt in ("omnijax", "kohya", "peft"):
+    for fmt in ("omnijax", "kohya", "peft", "comfy"):
         ta, tb = _lora(full, fmt=fmt), _lora(split, fmt=fmt)
         assert ta.keys() == tb.keys() and ta
         for k in ta:

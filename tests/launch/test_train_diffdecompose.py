@@ -51,7 +51,7 @@ def test_runlocal_trains_resumes_previews_and_exports(tmp_path):
         m = json.load(f)
     assert {"bg_rmse", "bg_psnr", "fg_rmse", "baseline_bg_rmse"} <= set(m)
     cfg = variant("tiny", in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32)
-    for fmt in ("omnijax", "kohya", "diffusers"):
+    for fmt in ("omnijax", "peft", "comfy", "kohya"):
         path = os.path.join(wd, f"lora_diffdecompose_{fmt}.safetensors")
         lora = load_flux_lora(path, cfg)
         assert lora.adapters() and read_extra(path)["icd"]["fg_ids"] == "panel"
