@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -223,10 +224,45 @@ def read_inputs(video_path: str, mask_paths: list[str], max_frames: int | None):
 # ----------------------------------------------------------------------------------------------- models
 
 
+def _source_stamp(path: str) -> list:
+    """What identifies a weights source without reading it: every file's path, size, mtime and inode."""
+    path = os.path.realpath(path)
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    return [(f, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [os.stat(f)]]
+
+
+def _text_alias_path(args) -> str | None:
+    """Where the umT5 identity of these exact sources is remembered (in the embedding cache), so that a later run
+    whose prompt embedding is cached never loads umT5 (22 GB at full size) nor its tokenizer."""
+    if not args.cache:
+        return None
+    if args.model == "tiny":
+        stamp = ["tiny", args.seed + 2]  # build_decomposer's seed of the umT5 row
+    else:
+        stamp = [_source_stamp(args.umt5), _source_stamp(args.tokenizer), args.dtype]
+    key = hashlib.sha256(json.dumps(stamp, default=str).encode()).hexdigest()
+    return os.path.join(args.cache, "sources", f"umt5-{key}.json")
+
+
+def cached_text_id(args) -> str | None:
+    """The umT5 identity when both it and the prompt's embedding are already cached, else None."""
+    from omnijax.conditioning import EmbeddingCache
+
+    alias = _text_alias_path(args)
+    try:
+        with open(alias) as f:
+            text_id = json.load(f)["text_id"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    cache = EmbeddingCache(args.cache)
+    return text_id if cache.load("text", cache.key("text", args.prompt.encode(), text_id)) is not None else None
+
+
 def build_decomposer(args):
     from flax import nnx
 
     from converters import registry
+    from omnijax.io.atomic import atomic_write
     from omnijax.omnimatte.branch import EasyOmnimatte
     from omnijax.omnimatte.decompose import Decomposer
     from omnijax.omnimatte.experts import EXPERT_KINDS
@@ -234,11 +270,19 @@ def build_decomposer(args):
 
     tiny = args.model == "tiny"
     dtype = "f32" if tiny else args.dtype
-    models = {name: registry.load(kind, "tiny" if tiny else getattr(args, name), dtype=dtype, seed=args.seed + i,
-                                  progress=True)[1]
+    text_id = cached_text_id(args)
+    models = {name: None if (name == "umt5" and text_id) else
+              registry.load(kind, "tiny" if tiny else getattr(args, name), dtype=dtype, seed=args.seed + i,
+                            progress=True)[1]
               for i, (name, kind) in enumerate(MODEL_FLAGS)}
     cond = registry.conditioner(args.cache, text_encoder=models["umt5"], image_encoder=models["clip"],
-                                tokenizer="tiny" if tiny else args.tokenizer)
+                                tokenizer=None if text_id else "tiny" if tiny else args.tokenizer)
+    if text_id:
+        cond.text_id = text_id
+    elif args.cache:
+        cond.text([args.prompt])  # computed and cached now, so that the next run can skip umT5
+        atomic_write(_text_alias_path(args), json.dumps({"text_id": cond.text_id}))
+        cond.text_encoder = models["umt5"] = None  # not needed again in this process: free it
     experts = []
     for i, name in enumerate(("effect", "quality")):
         kind = EXPERT_KINDS[name]
@@ -249,7 +293,9 @@ def build_decomposer(args):
         experts.append(EasyOmnimatte(models["dit"], expert, rngs=nnx.Rngs(i + 1)))
         if not tiny:
             load_lora(getattr(args, f"{name}_lora"), experts[-1])
-    return Decomposer(*experts, models["vae"], cond, attention_backend=args.attention)
+    decomposer = Decomposer(*experts, models["vae"], cond, attention_backend=args.attention)
+    decomposer.umt5_loaded = not text_id
+    return decomposer
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -375,14 +421,35 @@ def clips_from_args(args, parser) -> list[Clip]:
     return [Clip(v, m, o) for v, m, o in zip(args.video, args.masks, args.out)]
 
 
-def decompose_clip(clip: Clip, decomposer, args, height: int, load_s: float, cache_dir):
+def peak_memory_gb() -> float | None:
+    """The device's peak memory in use since the process started (None where the backend does not say, CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return None if "peak_bytes_in_use" not in stats else round(stats["peak_bytes_in_use"] / 2**30, 2)
+
+
+class StageTimings(dict):
+    """A timings dict that also notes the device's peak memory so far whenever a stage's time is recorded, so
+    the report shows which stage raised the peak (decompose_video fills it stage by stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_gb = {}
+
+    def __setitem__(self, stage, seconds):
+        super().__setitem__(stage, seconds)
+        self.peak_gb[stage] = peak_memory_gb()
+
+
+def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
     """Reads and decomposes one clip. Returns a function writing its files into a folder (returns the report)."""
     import jax
 
     from omnijax.omnimatte.decompose import SamplerSettings, decompose_video
 
     t0 = time.perf_counter()
-    timings = {}
+    timings = StageTimings()
     video8, masks8, fps = read_inputs(clip.video, clip.masks, args.max_frames)
     n, h, w, _ = video8.shape
     timings["read"] = time.perf_counter() - t0
@@ -402,7 +469,8 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, load_s: float, cac
             processing_frames=layers.processing_frames,
             settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
             recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
-            load_models_s=round(load_s, 3), compile_cache=cache_dir, device=str(jax.devices()[0].device_kind))
+            peak_memory_gb_after_stage=timings.peak_gb, **shared,
+            umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
         with open(os.path.join(folder, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
         return report
@@ -436,16 +504,31 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
     done = []
     if not ready:
         return done, failed
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1 + 2 * len(ready), desc="decompose", unit="stage", file=sys.stderr)
+    bar.set_postfix_str("load models")
     s = time.perf_counter()
     decomposer = build_decomposer(args)
-    load_s = time.perf_counter() - s
+    shared = dict(load_models_s=round(time.perf_counter() - s, 3), peak_memory_gb_after_load=peak_memory_gb(),
+                  compile_cache=cache_dir)
+    bar.update()
+
+    def publish_and_count(out, write):
+        try:
+            return _publish_report(out, write)
+        finally:
+            bar.update()
+
     # One writer thread: clip i's files are encoded (on its own pool) while clip i+1 is read and decomposed.
     with concurrent.futures.ThreadPoolExecutor(1) as writer:
         pending = []
-        for clip in ready:
+        for i, clip in enumerate(ready):
+            bar.set_postfix_str(f"clip {i + 1}/{len(ready)}" if len(ready) > 1 else "clip")
             try:
-                write = decompose_clip(clip, decomposer, args, height, load_s, cache_dir)
-                pending.append((clip, writer.submit(_publish_report, clip.out, write)))
+                write = decompose_clip(clip, decomposer, args, height, shared)
+                bar.update()
+                pending.append((clip, writer.submit(publish_and_count, clip.out, write)))
             except InputError as e:
                 failed.append((clip, str(e), 2))
             except Exception as e:  # noqa: BLE001  (one clip's failure must not stop the batch)
@@ -458,6 +541,7 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
                 failed.append((clip, str(e), 2))
             except Exception as e:  # noqa: BLE001
                 failed.append((clip, f"writing failed: {type(e).__name__}: {e}".splitlines()[0], 1))
+    bar.close()  # before any error line, so that line stays last
     return done, failed
 
 

@@ -309,3 +309,42 @@ def test_preview_is_labelled_and_small():
     for r in range(rows):
         band = sheet[4 + r * (tile_h + 18): 4 + r * (tile_h + 18) + 14, 4:256]
         assert (band < 128).any(), r
+
+
+def test_umt5_not_loaded_when_its_embedding_is_cached(tmp_path, monkeypatch):
+    """Second run with the same sources: the empty prompt's embedding comes from the cache and umT5 is never
+    loaded. Only umT5 is real here; the other models are stand-ins (their loading is not under test)."""
+    import argparse
+    import types
+
+    from converters import registry
+    from omnijax.omnimatte import branch
+    from omnijax.omnimatte import decompose as core
+
+    real_load, loaded = registry.load, []
+
+    def load(kind, source, **kw):
+        loaded.append(kind)
+        if kind == "umt5":
+            return real_load(kind, source, **kw)
+        return None, types.SimpleNamespace(config=types.SimpleNamespace(num_layers=2))
+
+    monkeypatch.setattr(registry, "load", load)
+    monkeypatch.setattr(branch, "EasyOmnimatte", lambda dit, expert, rngs: None)
+    monkeypatch.setattr(core, "Decomposer", lambda *a, **kw: types.SimpleNamespace(conditioner=a[3]))
+    args = argparse.Namespace(model="tiny", seed=0, cache=str(tmp_path / "cond"), prompt="", dtype="f32",
+                              attention="auto")
+    first = decompose.build_decomposer(args)
+    assert sorted(loaded) == sorted(["wan_dit", "wan_vae", "umt5", "wan_clip"]) and first.umt5_loaded
+    # The reference: the embedding the real encoder computes (cache bypassed).
+    encoder = real_load("umt5", "tiny", dtype="f32", seed=2)[1]
+    tokenizer = os.path.join(args.cache, "tiny_tokenizer")  # built by the first run
+    want = registry.conditioner(None, text_encoder=encoder, tokenizer=tokenizer).text([""])[0]
+    loaded.clear()
+    second = decompose.build_decomposer(args)
+    assert "umt5" not in loaded and not second.umt5_loaded and second.conditioner.text_encoder is None
+    np.testing.assert_allclose(second.conditioner.text([""])[0], want, rtol=1e-6)
+    # Another prompt is not cached: umT5 is loaded again.
+    loaded.clear()
+    decompose.build_decomposer(argparse.Namespace(**{**vars(args), "prompt": "a cat"}))
+    assert "umt5" in loaded
