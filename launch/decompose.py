@@ -5,44 +5,191 @@ one clean background.
       --dit /ckpt/omnijax/wan_dit_1.3b_inp --effect-lora effect.safetensors --quality-lora quality.safetensors \
       --vae /ckpt/Wan2.1_VAE.pth --umt5 /ckpt/umt5.pth --tokenizer /ckpt/google/umt5-xxl --clip /ckpt/clip.pth
   python launch/decompose.py --video clip.mp4 --masks obj0/ --out layers/ --model tiny   # random tiny models
+  python launch/decompose.py --video a.mp4 --masks a0.mp4 --out la/ --video b.mp4 --masks b0/ b1/ --out lb/ ...
+  python launch/decompose.py --manifest clips.json ...   # [{"video": ..., "masks": [...], "out": ...}, ...]
 
 Videos and masks may be video files or frame folders. The work is omnijax.omnimatte.decompose.decompose_video
 (any size: processed at --height, width rounded to a multiple of 16, outputs at the input size; any frame count:
 padded to 4k+1 by ping-pong, outputs trimmed back; masks binarised at 240 and dilated 11x11 as Casper); this file
-parses arguments, reads, writes and reports. Model flags take what converters.registry.load takes (a converted
-folder, the original files); --model tiny uses random tiny models. Output layout in --out:
-  background.mp4                 the clean background
-  object_K/rgba/00000.png ...    RGBA layer as a PNG sequence
-  object_K/rgba.webm             RGBA layer as VP9 video with alpha
+checks, parses arguments, reads, writes and reports. Model flags take what converters.registry.load takes (a
+converted folder, the original files); --model tiny uses random tiny models.
+
+Several clips (repeated --video/--masks/--out, or --manifest, whose relative paths are relative to the manifest's
+folder) run in one process: the models are loaded and compiled once, a clip's files are written while the next
+clip runs, a clip that fails is reported and the others go on; the exit code is non-zero if any clip failed.
+
+Safety: every argument and file is checked before a model is built (a failing check is one line, exit code 2).
+--out must be a new or empty folder, or an earlier output of this tool (it holds our report.json) replaced only
+with --overwrite; `--out .` or a folder holding the current one is refused. Everything is written to a temporary
+folder beside --out and renamed into place at the end; if that last rename fails, the results stay in the
+temporary folder and the error names it. Limits: the processing size keeps the input's aspect ratio, which must
+lie within MAX_ASPECT:1 either way (a 2048x64 clip at 480 height would be 15360x480).
+
+Compilation: JAX's persistent compilation cache is on ($XDG_CACHE_HOME/omnijax/jax or ~/.cache/omnijax/jax;
+--compile-cache DIR moves it, --no-compile-cache turns it off), so a second run of the same shapes skips most
+compiling (omnijax/compile_cache.py).
+
+Output layout in --out:
+  background.mp4                 the clean background (H.264, preset veryfast, crf 18)
+  object_K/rgba/00000.png ...    RGBA layer as a PNG sequence (zlib level 1)
+  object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt)
   object_K/alpha.mp4             the alpha matte as a grey video
   report.json                    recomposition PSNR per object, stage timings, settings
-  preview.png                    contact sheet: input, alpha, foreground over a checkerboard, background
-Everything is written to a temporary folder and moved into place at the end.
+  preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,
+                                 background, at 4 frames; tiles at most PREVIEW_TILE_WIDTH pixels wide
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+import traceback
 
-import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from launch import common  # noqa: F401  (sets XLA flags first)
 
+TOOL = "omnijax launch/decompose.py"  # written into report.json: how a folder is recognised as our output
 TINY_HEIGHT = 64
+MAX_ASPECT = 4.0
+PREVIEW_TILE_WIDTH = 256
 MODEL_FLAGS = (("dit", "wan_dit"), ("vae", "wan_vae"), ("umt5", "umt5"), ("clip", "wan_clip"))
+MASK_THRESHOLD = 240  # omnijax.omnimatte.masks.BINARY_THRESHOLD
 
 
 class InputError(ValueError):
     """Bad user input: printed as one line, exit code 2."""
 
 
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class Clip:
+    video: str
+    masks: list[str]
+    out: str
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def check_settings(args) -> None:
+    if args.steps < 1:
+        raise InputError(f"--steps {args.steps}: need at least 1 sampler step")
+    if not 0.0 <= args.tau <= 1.0:
+        raise InputError(f"--tau {args.tau}: must lie in [0, 1] (the sigma at which the Quality Expert takes over)")
+    if args.height is not None and not 16 <= args.height <= 2048:
+        raise InputError(f"--height {args.height}: must lie in [16, 2048]")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InputError(f"--max-frames {args.max_frames}: need at least 1")
+    if args.attention not in ("auto", "cudnn", "xla"):
+        raise InputError(f"--attention {args.attention}: choose auto, cudnn or xla")
+
+
+def _readable(path: str) -> bool:
+    return os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0))
+
+
+def check_models(args) -> None:
+    """Weights named, present and readable: before any video is read or model built."""
+    if args.model == "tiny":
+        return
+    names = [n for n, _ in MODEL_FLAGS] + ["effect_lora", "quality_lora", "tokenizer"]
+    flag = lambda n: f"--{n.replace('_', '-')}"
+    missing = [flag(n) for n in names if not getattr(args, n)]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)} (or use --model tiny)")
+    for n in names:
+        path = getattr(args, n)
+        if not os.path.exists(path):
+            raise InputError(f"{flag(n)} {path}: no such file or folder")
+        if not _readable(path):
+            raise InputError(f"{flag(n)} {path}: not readable")
+
+
+def is_earlier_output(folder: str) -> bool:
+    """Whether `folder` holds a report.json written by this tool."""
+    try:
+        with open(os.path.join(folder, "report.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    # Outputs written before the "tool" key existed carry these two keys, which no other tool writes together.
+    return isinstance(report, dict) and (report.get("tool") == TOOL or {"recomposition_psnr_db",
+                                                                      "processing_frames"} <= set(report))
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out(out: str, overwrite: bool, inputs: list[str]) -> str:
+    """The absolute output folder, after refusing every way of losing files (module doc)."""
+    path = os.path.abspath(out)
+    if _inside(os.getcwd(), path):
+        raise InputError(f"--out {out}: is the current folder or holds it; name a new folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"--out {out}: is a file, not a folder")
+    if os.path.isdir(path) and os.listdir(path):
+        if not is_earlier_output(path):
+            raise InputError(f"--out {out}: folder is not empty and is not an earlier output of this tool (no "
+                             "report.json of ours); nothing was touched, name a new or empty folder")
+        if not overwrite:
+            raise InputError(f"--out {out}: holds an earlier decomposition; pass --overwrite to replace it")
+        for p in inputs:
+            if _inside(p, path):
+                raise InputError(f"--out {out}: holds the input {p}, which replacing it would delete")
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise InputError(f"--out {out}: {ancestor} is a file, not a folder")
+    try:  # a real write (os.access answers yes to root on any mode)
+        fd, probe_path = tempfile.mkstemp(prefix=".decompose-write-check-", dir=ancestor)
+        os.close(fd)
+        os.remove(probe_path)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write in {ancestor} ({e.strerror or e})") from e
+    return path
+
+
+def check_clip(clip: Clip, height: int, max_frames: int | None) -> None:
+    """Sizes and frame counts from the headers (nothing decoded); duplicate masks warned about."""
+    from omnijax.io.video import VideoError, probe
+
+    try:
+        v = probe(clip.video)
+        ms = [probe(m) for m in clip.masks]
+    except (VideoError, OSError) as e:
+        raise InputError(str(e)) from e
+    from omnijax.omnimatte.decompose import processing_size
+
+    ph, pw = processing_size(v.height, v.width, height)
+    if max(pw / ph, ph / pw) > MAX_ASPECT:
+        raise InputError(f"video {clip.video} is {v.width}x{v.height}: at height {height} it would be processed at "
+                         f"{pw}x{ph}; the aspect ratio limit is {MAX_ASPECT:g}:1 either way")
+    for p, m in zip(clip.masks, ms):
+        if (m.height, m.width) != (v.height, v.width):
+            raise InputError(f"mask {p} is {m.width}x{m.height}, the video is {v.width}x{v.height}")
+    real = [os.path.realpath(m) for m in clip.masks]
+    for i, r in enumerate(real):
+        if r in real[:i]:
+            warn(f"mask {clip.masks[i]} is given twice: its two layers will be identical")
+
+
 def read_inputs(video_path: str, mask_paths: list[str], max_frames: int | None):
+    """(video uint8 [F, H, W, 3], masks uint8 [K, F, H, W], fps), with every mismatch named."""
     from omnijax.io.video import VideoError, read_mask, read_video
 
     try:
@@ -50,40 +197,92 @@ def read_inputs(video_path: str, mask_paths: list[str], max_frames: int | None):
         masks = [read_mask(p, max_frames=max_frames, threshold=None) for p in mask_paths]
     except (VideoError, OSError) as e:
         raise InputError(str(e)) from e
+    n = video.shape[0]
+    counts = [m.shape[0] for m in masks]
+    if all(c > n for c in counts) and len(set(counts)) == 1:
+        raise InputError(f"video {video_path} has {n} frames but its masks have {counts[0]}: the video is shorter "
+                         "than its masks (cut short?)")
     for p, m in zip(mask_paths, masks):
-        if m.shape[0] != video.shape[0]:
-            raise InputError(f"mask {p} has {m.shape[0]} frames, the video {video_path} has {video.shape[0]}")
+        if m.shape[0] != n:
+            raise InputError(f"mask {p} has {m.shape[0]} frames, the video {video_path} has {n}")
         if m.shape[1:] != video.shape[1:3]:
             raise InputError(f"mask {p} is {m.shape[2]}x{m.shape[1]}, the video is {video.shape[2]}x{video.shape[1]}")
-        if not (m >= 240).any():  # omnijax.omnimatte.masks.BINARY_THRESHOLD
-            raise InputError(f"mask {p} is empty (no pixel >= 240 in any frame)")
+    binary = [m >= MASK_THRESHOLD for m in masks]
+    for p, b in zip(mask_paths, binary):
+        if not b.any():
+            raise InputError(f"mask {p} is empty (no pixel >= {MASK_THRESHOLD} in any frame)")
+        if b.all():
+            warn(f"mask {p} covers every pixel of every frame: no background is visible to recover")
+    for i in range(len(binary)):
+        for j in range(i):
+            if np.array_equal(binary[i], binary[j]) and os.path.realpath(mask_paths[i]) != os.path.realpath(
+                    mask_paths[j]):
+                warn(f"masks {mask_paths[j]} and {mask_paths[i]} are the same: their layers will be identical")
     return video, np.stack(masks), fps
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def _source_stamp(path: str) -> list:
+    """What identifies a weights source without reading it: every file's path, size, mtime and inode."""
+    path = os.path.realpath(path)
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    return [(f, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [os.stat(f)]]
+
+
+def _text_alias_path(args) -> str | None:
+    """Where the umT5 identity of these exact sources is remembered (in the embedding cache), so that a later run
+    whose prompt embedding is cached never loads umT5 (22 GB at full size) nor its tokenizer."""
+    if not args.cache:
+        return None
+    if args.model == "tiny":
+        stamp = ["tiny", args.seed + 2]  # build_decomposer's seed of the umT5 row
+    else:
+        stamp = [_source_stamp(args.umt5), _source_stamp(args.tokenizer), args.dtype]
+    key = hashlib.sha256(json.dumps(stamp, default=str).encode()).hexdigest()
+    return os.path.join(args.cache, "sources", f"umt5-{key}.json")
+
+
+def cached_text_id(args) -> str | None:
+    """The umT5 identity when both it and the prompt's embedding are already cached, else None."""
+    from omnijax.conditioning import EmbeddingCache
+
+    alias = _text_alias_path(args)
+    try:
+        with open(alias) as f:
+            text_id = json.load(f)["text_id"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    cache = EmbeddingCache(args.cache)
+    return text_id if cache.load("text", cache.key("text", args.prompt.encode(), text_id)) is not None else None
 
 
 def build_decomposer(args):
     from flax import nnx
 
     from converters import registry
+    from omnijax.io.atomic import atomic_write
     from omnijax.omnimatte.branch import EasyOmnimatte
     from omnijax.omnimatte.decompose import Decomposer
     from omnijax.omnimatte.experts import EXPERT_KINDS
     from omnijax.omnimatte.lora_io import expert_from_lora, load_lora
 
     tiny = args.model == "tiny"
-    if not tiny:
-        names = [n for n, _ in MODEL_FLAGS] + ["effect_lora", "quality_lora", "tokenizer"]
-        missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
-        if missing:
-            raise InputError(f"missing {', '.join(missing)} (or use --model tiny)")
-        for n in names:
-            if not os.path.exists(getattr(args, n)):
-                raise InputError(f"--{n.replace('_', '-')} {getattr(args, n)}: no such file or directory")
     dtype = "f32" if tiny else args.dtype
-    models = {name: registry.load(kind, "tiny" if tiny else getattr(args, name), dtype=dtype, seed=args.seed + i,
-                                  progress=True)[1]
+    text_id = cached_text_id(args)
+    models = {name: None if (name == "umt5" and text_id) else
+              registry.load(kind, "tiny" if tiny else getattr(args, name), dtype=dtype, seed=args.seed + i,
+                            progress=True)[1]
               for i, (name, kind) in enumerate(MODEL_FLAGS)}
     cond = registry.conditioner(args.cache, text_encoder=models["umt5"], image_encoder=models["clip"],
-                                tokenizer="tiny" if tiny else args.tokenizer)
+                                tokenizer=None if text_id else "tiny" if tiny else args.tokenizer)
+    if text_id:
+        cond.text_id = text_id
+    elif args.cache:
+        cond.text([args.prompt])  # computed and cached now, so that the next run can skip umT5
+        atomic_write(_text_alias_path(args), json.dumps({"text_id": cond.text_id}))
+        cond.text_encoder = models["umt5"] = None  # not needed again in this process: free it
     experts = []
     for i, name in enumerate(("effect", "quality")):
         kind = EXPERT_KINDS[name]
@@ -94,82 +293,271 @@ def build_decomposer(args):
         experts.append(EasyOmnimatte(models["dit"], expert, rngs=nnx.Rngs(i + 1)))
         if not tiny:
             load_lora(getattr(args, f"{name}_lora"), experts[-1])
-    return Decomposer(*experts, models["vae"], cond, attention_backend=args.attention)
+    decomposer = Decomposer(*experts, models["vae"], cond, attention_backend=args.attention)
+    decomposer.umt5_loaded = not text_id
+    return decomposer
 
 
-def write_outputs(tmp, video, background, alphas, foregrounds, fps):
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def preview_sheet(video, alphas, foregrounds, background, n_frames: int = 4) -> np.ndarray:
+    """uint8 labelled sheet: rows input, per object its alpha and its foreground over a checkerboard, background;
+    columns `n_frames` evenly spaced frames; tiles scaled to at most PREVIEW_TILE_WIDTH pixels wide."""
+    from PIL import Image
+
+    from omnijax.diffdecompose.preview import labelled_sheet
+    from omnijax.omnimatte.preview import checkerboard
+
+    f, h, w, _ = video.shape
+    scale = min(1.0, PREVIEW_TILE_WIDTH / w)
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    idx = np.linspace(0, f - 1, min(n_frames, f)).round().astype(int)
+
+    def tile(x):
+        x8 = np.clip(np.rint(np.asarray(x, np.float32) * 255), 0, 255).astype(np.uint8)
+        if (th, tw) != (h, w):
+            x8 = np.asarray(Image.fromarray(x8).resize((tw, th), Image.BILINEAR, reducing_gap=2.0))
+        return x8.astype(np.float32) / 255.0
+
+    board = checkerboard(h, w)
+    rows = [[(f"input, frame {i}", tile(video[i])) for i in idx]]
+    for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
+        rows.append([(f"object {k} alpha, frame {i}", tile(np.repeat(a[i][..., None], 3, -1))) for i in idx])
+        rows.append([(f"object {k} layer, frame {i}", tile(a[i][..., None] * fg[i] + (1 - a[i][..., None]) * board))
+                     for i in idx])
+    rows.append([(f"background, frame {i}", tile(background[i])) for i in idx])
+    return labelled_sheet(rows)
+
+
+def write_outputs(folder, video, background, alphas, foregrounds, fps, workers: int | None = None) -> None:
+    """Every output file of one clip into `folder`, the files encoded at once on a thread pool (PyAV releases
+    the GIL while encoding). Raises the first failure after all writers have stopped."""
     from omnijax.io.video import write_frames, write_image, write_rgba_video, write_video
-    from omnijax.omnimatte.preview import contact_sheet
 
     to8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-    write_video(os.path.join(tmp, "background.mp4"), to8(background), fps)
+    workers = workers or min(16, os.cpu_count() or 1)
+    jobs = [(write_video, os.path.join(folder, "background.mp4"), to8(background), fps)]
     for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
-        d = os.path.join(tmp, f"object_{k}")
+        d = os.path.join(folder, f"object_{k}")
         os.makedirs(d)
         rgba = to8(np.concatenate([fg, a[..., None]], -1))
-        write_frames(os.path.join(d, "rgba"), rgba)
-        write_rgba_video(os.path.join(d, "rgba.webm"), rgba, fps)
-        write_video(os.path.join(d, "alpha.mp4"), to8(np.repeat(a[..., None], 3, -1)), fps)
-    write_image(os.path.join(tmp, "preview.png"), contact_sheet(video, alphas, foregrounds, background))
+        jobs += [(write_rgba_video, os.path.join(d, "rgba.webm"), rgba, fps),
+                 (write_video, os.path.join(d, "alpha.mp4"), to8(np.repeat(a[..., None], 3, -1)), fps),
+                 (lambda p, x: write_frames(p, x, workers=max(1, workers // 2)), os.path.join(d, "rgba"), rgba)]
+    jobs.append((write_image, os.path.join(folder, "preview.png"),
+                 preview_sheet(video, alphas, foregrounds, background)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(fn, *a) for fn, *a in jobs]
+        concurrent.futures.wait(futures)
+    for fut in futures:
+        fut.result()
 
 
-def run(args) -> dict:
-    from omnijax.io.atomic import atomic_path
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(out: str, write) -> None:
+    """Runs write(staging_folder) and renames the staging folder to `out` (module doc). A failure while writing
+    removes the half-written folder; a failure of the final move keeps the finished one and names it."""
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; the results are the user's usual files
+    try:
+        write(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    try:
+        if os.path.isdir(out) and os.listdir(out):
+            if not is_earlier_output(out):  # something else appeared there during the run
+                raise InputError(f"{out} was filled by something else during the run")
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(out, os.path.join(old, name))
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if os.path.isdir(out):
+                os.rmdir(out)
+            os.replace(stage, out)
+    except (OSError, InputError) as e:
+        raise InputError(f"could not move the results to {out} ({e}); they are kept in {stage}") from e
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def clips_from_args(args, parser) -> list[Clip]:
+    if args.manifest:
+        if args.video or args.masks or args.out:
+            raise InputError("--manifest replaces --video/--masks/--out; give one or the other")
+        try:
+            with open(args.manifest) as f:
+                entries = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--manifest {args.manifest}: unreadable ({e})") from e
+        base = os.path.dirname(os.path.abspath(args.manifest))
+        at = lambda p: os.path.join(base, os.path.expanduser(p))
+        clips = []
+        for i, e in enumerate(entries if isinstance(entries, list) else [None]):
+            masks = e.get("masks") if isinstance(e, dict) else None
+            if not (isinstance(e, dict) and isinstance(e.get("video"), str) and isinstance(e.get("out"), str)
+                    and isinstance(masks, list) and masks and all(isinstance(m, str) for m in masks)):
+                raise InputError(f"--manifest {args.manifest}: entry {i} is not "
+                                 '{"video": path, "masks": [path, ...], "out": folder}')
+            clips.append(Clip(at(e["video"]), [at(m) for m in e["masks"]], at(e["out"])))
+        if not clips:
+            raise InputError(f"--manifest {args.manifest}: lists no clips")
+        return clips
+    if not (args.video and args.masks and args.out):
+        parser.error("give --video, --masks and --out (or --manifest)")
+    if not len(args.video) == len(args.masks) == len(args.out):
+        raise InputError(f"{len(args.video)} --video, {len(args.masks)} --masks and {len(args.out)} --out: give one "
+                         "--masks and one --out per --video")
+    return [Clip(v, m, o) for v, m, o in zip(args.video, args.masks, args.out)]
+
+
+def peak_memory_gb() -> float | None:
+    """The device's peak memory in use since the process started (None where the backend does not say, CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return None if "peak_bytes_in_use" not in stats else round(stats["peak_bytes_in_use"] / 2**30, 2)
+
+
+class StageTimings(dict):
+    """A timings dict that also notes the device's peak memory so far whenever a stage's time is recorded, so
+    the report shows which stage raised the peak (decompose_video fills it stage by stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_gb = {}
+
+    def __setitem__(self, stage, seconds):
+        super().__setitem__(stage, seconds)
+        self.peak_gb[stage] = peak_memory_gb()
+
+
+def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
+    """Reads and decomposes one clip. Returns a function writing its files into a folder (returns the report)."""
+    import jax
+
     from omnijax.omnimatte.decompose import SamplerSettings, decompose_video
 
-    timings = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=4, desc="decompose", unit="stage", file=sys.stderr)
+    timings = StageTimings()
+    video8, masks8, fps = read_inputs(clip.video, clip.masks, args.max_frames)
+    n, h, w, _ = video8.shape
+    timings["read"] = time.perf_counter() - t0
+    settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
+    layers = decompose_video(decomposer, video8, masks8, settings, height=height, prompt=args.prompt,
+                             timings=timings)
 
-    def stage(name):
-        bar.set_postfix_str(name)
-        return time.perf_counter()
+    def write(folder):
+        s = time.perf_counter()
+        write_outputs(folder, video8.astype(np.float32) / 255.0, layers.background, layers.alphas,
+                      layers.foregrounds, fps)
+        timings["write"] = time.perf_counter() - s
+        timings["total"] = time.perf_counter() - t0
+        report = dict(
+            tool=TOOL, video=os.path.abspath(clip.video), masks=[os.path.abspath(m) for m in clip.masks], frames=n,
+            size=[h, w], fps=fps, processing_size=list(layers.processing_size),
+            processing_frames=layers.processing_frames,
+            settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
+            recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
+            peak_memory_gb_after_stage=timings.peak_gb, **shared,
+            umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
+        with open(os.path.join(folder, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        return report
 
+    return write
+
+
+def run(args, clips: list[Clip]) -> tuple[list, list]:
+    """Checks everything, loads the models once, decomposes each clip and writes it while the next one runs.
+    Returns (done [(clip, report)], failed [(clip, message, exit code)])."""
+    from omnijax import compile_cache
+
+    check_settings(args)
+    check_models(args)
     try:
-        s = stage("read")
-        video8, masks8, fps = read_inputs(args.video, args.masks, args.max_frames)
-        n, h, w, _ = video8.shape
-        timings["read"] = time.perf_counter() - s
-        bar.update()
+        cache_dir = None if args.no_compile_cache else compile_cache.enable(args.compile_cache or "default")
+    except OSError as e:
+        raise InputError(f"--compile-cache {args.compile_cache or compile_cache.default_dir()}: {e}") from e
+    height = args.height or (TINY_HEIGHT if args.model == "tiny" else 480)
+    failed, ready, outs = [], [], set()
+    for clip in clips:
+        try:
+            clip.out = check_out(clip.out, args.overwrite, [clip.video, *clip.masks])
+            if clip.out in outs:
+                raise InputError(f"--out {clip.out}: given for two clips")
+            outs.add(clip.out)
+            check_clip(clip, height, args.max_frames)
+            ready.append(clip)
+        except InputError as e:
+            failed.append((clip, str(e), 2))
+    done = []
+    if not ready:
+        return done, failed
+    from tqdm.auto import tqdm
 
-        s = stage("load models")
-        decomposer = build_decomposer(args)
-        timings["load_models"] = time.perf_counter() - s
-        bar.update()
+    bar = tqdm(total=1 + 2 * len(ready), desc="decompose", unit="stage", file=sys.stderr)
+    bar.set_postfix_str("load models")
+    s = time.perf_counter()
+    decomposer = build_decomposer(args)
+    shared = dict(load_models_s=round(time.perf_counter() - s, 3), peak_memory_gb_after_load=peak_memory_gb(),
+                  compile_cache=cache_dir)
+    bar.update()
 
-        stage("decompose")
-        settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
-        height = args.height or (TINY_HEIGHT if args.model == "tiny" else 480)
-        layers = decompose_video(decomposer, video8, masks8, settings, height=height, prompt=args.prompt,
-                                 timings=timings)
-        bar.update()
+    def publish_and_count(out, write):
+        try:
+            return _publish_report(out, write)
+        finally:
+            bar.update()
 
-        s = stage("write")
-        with atomic_path(args.out, directory=True) as tmp:
-            write_outputs(tmp, video8.astype(np.float32) / 255.0, layers.background, layers.alphas,
-                          layers.foregrounds, fps)
-            timings["write"] = time.perf_counter() - s
-            timings["total"] = time.perf_counter() - t0
-            report = dict(
-                video=os.path.abspath(args.video), masks=[os.path.abspath(m) for m in args.masks], frames=n,
-                size=[h, w], fps=fps, processing_size=list(layers.processing_size),
-                processing_frames=layers.processing_frames,
-                settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
-                recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
-                device=str(jax.devices()[0].device_kind))
-            with open(os.path.join(tmp, "report.json"), "w") as f:
-                json.dump(report, f, indent=1)
-        bar.update()
-    finally:
-        bar.close()  # before any error line, so that line stays last
-    return report
+    # One writer thread: clip i's files are encoded (on its own pool) while clip i+1 is read and decomposed.
+    with concurrent.futures.ThreadPoolExecutor(1) as writer:
+        pending = []
+        for i, clip in enumerate(ready):
+            bar.set_postfix_str(f"clip {i + 1}/{len(ready)}" if len(ready) > 1 else "clip")
+            try:
+                write = decompose_clip(clip, decomposer, args, height, shared)
+                bar.update()
+                pending.append((clip, writer.submit(publish_and_count, clip.out, write)))
+            except InputError as e:
+                failed.append((clip, str(e), 2))
+            except Exception as e:  # noqa: BLE001  (one clip's failure must not stop the batch)
+                traceback.print_exc()
+                failed.append((clip, f"{type(e).__name__}: {e}".splitlines()[0], 1))
+        for clip, fut in pending:
+            try:
+                done.append((clip, fut.result()))
+            except InputError as e:
+                failed.append((clip, str(e), 2))
+            except Exception as e:  # noqa: BLE001
+                failed.append((clip, f"writing failed: {type(e).__name__}: {e}".splitlines()[0], 1))
+    bar.close()  # before any error line, so that line stays last
+    return done, failed
+
+
+def _publish_report(out, write):
+    box = {}
+    publish(out, lambda folder: box.update(report=write(folder)))
+    return box["report"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--video", required=True)
-    p.add_argument("--masks", required=True, nargs="+", help="one mask video or frame folder per object")
-    p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--video", action="append", help="input video or frame folder (repeat for a batch)")
+    p.add_argument("--masks", action="append", nargs="+", help="one mask video or frame folder per object")
+    p.add_argument("--out", action="append", help="output folder: new, empty, or an earlier output (--overwrite)")
+    p.add_argument("--manifest", help='JSON list of {"video": path, "masks": [paths], "out": folder}')
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool in --out")
     p.add_argument("--model", choices=["wan", "tiny"], default="wan", help="tiny: random tiny models (smoke runs)")
     p.add_argument("--dit", "--base", dest="dit",
                    help="Wan2.1-Fun-InP DiT: omnijax checkpoint dir or original/diffusers weights")
@@ -181,6 +569,9 @@ def main(argv=None) -> int:
     p.add_argument("--clip", help="CLIP ViT-H/14 vision tower")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/omnijax/conditioning"),
                    help="embedding cache directory")
+    p.add_argument("--compile-cache", default=None, help="persistent compilation cache folder "
+                   "(default $XDG_CACHE_HOME/omnijax/jax or ~/.cache/omnijax/jax)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, keep nothing")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--tau", type=float, default=0.5, help="Effect Expert while sigma > tau, Quality Expert after")
     p.add_argument("--seed", type=int, default=0)
@@ -191,15 +582,24 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="auto", help="attention backend: auto | cudnn | xla")
     args = p.parse_args(argv)
     try:
-        report = run(args)
+        clips = clips_from_args(args, p)
+        done, failed = run(args, clips)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    t = report["timings_s"]
-    print(f"wrote {args.out}: {len(args.masks)} object layer(s) + background, {report['frames']} frames; "
-          f"recomposition PSNR {', '.join(f'{v:.1f}' for v in report['recomposition_psnr_db'])} dB; "
-          f"total {t['total']:.1f}s (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total") + ")")
-    return 0
+    for clip, report in done:
+        t = report["timings_s"]
+        print(f"wrote {clip.out}: {len(clip.masks)} object layer(s) + background, {report['frames']} frames; "
+              f"recomposition PSNR {', '.join(f'{v:.1f}' for v in report['recomposition_psnr_db'])} dB; "
+              f"{t['total']:.1f}s (" + ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total") +
+              f"; models loaded once in {report['load_models_s']:.1f}s)")
+    prefix = (lambda c: f"clip {c.video}: ") if len(clips) > 1 else (lambda c: "")
+    for clip, msg, _ in failed:
+        print(f"error: {prefix(clip)}{msg}", file=sys.stderr)
+    if len(clips) > 1:
+        print(f"{len(done)} of {len(clips)} clips written" + (f", {len(failed)} failed" if failed else ""),
+              file=sys.stderr)
+    return max((code for *_, code in failed), default=0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def test_example_clip_end_to_end(tmp_path, example_clip):
     video_path = os.path.join(example_clip, "input_video.mp4")
     masks = [os.path.join(example_clip, f"mask_0{k}.mp4") for k in (0, 1)]
     rc = decompose.main(["--video", video_path, "--masks", *masks, "--out", out, "--model", "tiny", "--steps", "2",
-                         "--cache", str(tmp_path / "cache")])
+                         "--cache", str(tmp_path / "cache"), "--compile-cache", str(tmp_path / "jax")])
     assert rc == 0
     info = probe(video_path)
     n, h, w = info.num_frames, info.height, info.width
@@ -83,7 +83,7 @@ def test_input_errors_are_one_line_and_nonzero(tmp_path, capsys, case):
     if shapes is not None:
         _write_mask(mask, *shapes, value=0 if case == "empty" else 255)
     out = str(tmp_path / "out")
-    rc = decompose.main(["--video", vid, "--masks", mask, "--out", out, "--model", "tiny"])
+    rc = decompose.main(["--video", vid, "--masks", mask, "--out", out, "--model", "tiny", "--no-compile-cache"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("error:")
     assert {"missing": "no such", "frames": "frames", "size": "is 48x16", "empty": "empty"}[case] in err

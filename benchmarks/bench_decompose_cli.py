@@ -1,0 +1,163 @@
+"""The decompose CLI as a user runs it, from command to files (issue 19): cold run, warm compile cache, a batch.
+
+  python benchmarks/bench_decompose_cli.py            # GPU: 1.3B Fun-InP dims, 81x480x832 clips, 2 steps
+  python benchmarks/bench_decompose_cli.py --tiny     # CPU dry run: tiny models, 9x64x112 clips
+
+1. Writes random-weight checkpoints of the real sizes in the project's converted format (launch/convert.py's
+   omnijax.json + orbax folders via omnijax.checkpoint.save_pretrained): the Wan2.1-Fun-InP 1.3B DiT, the Wan2.1
+   VAE, the CLIP ViT-H/14 tower, and two LoRA files (Effect rank 128, Quality rank 64, omnijax names).
+   umT5-XXL is not written: its only use is the empty prompt, whose embedding the CLI reads from the embedding
+   cache (computed once per installation) and then never loads umT5; the bench seeds that cache entry (random
+   [1, 4096]) and points --umt5/--tokenizer at tiny stand-ins that are never opened.
+2. Makes example clips with data.example_clip (two objects each).
+3. Runs `launch/decompose.py` as a subprocess with a fresh compilation cache: run 1 (cold), run 2 (the same
+   command, cache warm), then one process over 4 clips (--video ... x4). Each run's wall time from command to
+   exit and the CLI's own report.json per clip: time per stage (read, encoders, vae_encode, sampler (compile
+   included on a cold cache), vae_decode, postprocess, write), model loading, and the device's peak memory
+   after each stage (peak so far).
+Writes $OUT/bench_decompose_cli.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.common import emit  # noqa: E402
+
+
+def write_checkpoints(folder: str, tiny: bool) -> dict:
+    """Random-weight checkpoints (real sizes unless tiny). Returns the CLI's model flags."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from converters import registry
+    from omnijax.checkpoint import save_pretrained
+    from omnijax.models.wan.clip import clip_variant
+    from omnijax.models.wan.vae import vae_variant
+    from omnijax.models.wan.variants import variant
+    from omnijax.omnimatte.branch import EasyOmnimatte
+    from omnijax.omnimatte.experts import effect_expert, quality_expert
+    from omnijax.omnimatte.lora_io import save_lora
+
+    dtype = "f32" if tiny else "bf16"
+    configs = {"wan_dit": variant("tiny-inp" if tiny else "1.3b-inp"),
+               "wan_vae": vae_variant("tiny" if tiny else "wan2.1"),
+               "wan_clip": clip_variant("tiny" if tiny else "vit-h-14"), "umt5": None}
+    flags, dit = {}, None
+    for i, (kind, config) in enumerate(configs.items()):
+        t = time.perf_counter()
+        # umT5 is a tiny stand-in in both modes (see the module doc); it only has to exist.
+        _, model = registry.load(kind, "tiny", dtype=dtype, seed=i, config=config)
+        path = os.path.join(folder, kind)
+        save_pretrained(path, model, kind)
+        flags[{"wan_dit": "dit", "wan_vae": "vae", "wan_clip": "clip", "umt5": "umt5"}[kind]] = path
+        print(f"wrote {kind} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        if kind == "wan_dit":
+            dit = model
+    n = dit.config.num_layers
+    ranks = (4, 4) if tiny else (128, 64)
+    experts = (("effect", effect_expert, ranks[0]), ("quality", quality_expert, ranks[1]))
+    for i, (name, make, rank) in enumerate(experts):
+        model = EasyOmnimatte(dit, make(n, rank=rank, alpha=float(rank)), rngs=nnx.Rngs(10 + i))
+        # Non-zero B so the adapters do something (a fresh LoRA's B is zero).
+        for _, ad in nnx.iter_graph(model.lora):
+            if hasattr(ad, "lora_b"):
+                ad.lora_b.set_value(jnp.full(ad.lora_b.get_value().shape, 1e-3, ad.lora_b.get_value().dtype))
+        flags[f"{name}-lora"] = os.path.join(folder, f"{name}.safetensors")
+        save_lora(flags[f"{name}-lora"], model)
+    from converters.tokenizer import build_tiny_tokenizer
+
+    flags["tokenizer"] = os.path.join(folder, "tokenizer")
+    build_tiny_tokenizer(flags["tokenizer"])
+    return flags, dit.config.text_dim
+
+
+def seed_text_cache(cache: str, flags: dict, text_dim: int, dtype: str) -> None:
+    """The empty-prompt entry and the umT5 identity alias, as a first real run would leave them."""
+    import argparse as ap
+
+    import numpy as np
+
+    from launch.decompose import _text_alias_path
+    from omnijax.conditioning import EmbeddingCache
+    from omnijax.io.atomic import atomic_write
+
+    args = ap.Namespace(cache=cache, model="wan", umt5=flags["umt5"], tokenizer=flags["tokenizer"], dtype=dtype,
+                        seed=0)
+    text_id = "bench-random-umt5"
+    c = EmbeddingCache(cache)
+    c.store("text", c.key("text", b"", text_id), np.random.default_rng(0).standard_normal((1, text_dim)).astype(
+        np.float32))
+    atomic_write(_text_alias_path(args), json.dumps({"text_id": text_id}))
+
+
+def run_cli(argv: list[str], env: dict) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "decompose.py"), *argv], env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"decompose failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    outs = [argv[i + 1] for i, a in enumerate(argv) if a == "--out"]
+    reports = []
+    for out in outs:
+        with open(os.path.join(out, "report.json")) as f:
+            r = json.load(f)
+        reports.append({k: r[k] for k in ("timings_s", "peak_memory_gb_after_stage", "peak_memory_gb_after_load",
+                                          "load_models_s", "umt5_loaded", "frames", "size", "processing_size",
+                                          "device")})
+    return {"wall_s": round(wall, 2), "clips": len(outs), "wall_per_clip_s": round(wall / len(outs), 2),
+            "reports": reports}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny models and clips (CPU dry run)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--workdir", default=None, help="where checkpoints and clips go (default: a temporary folder)")
+    a = p.parse_args(argv)
+    from data.example_clip import write_example
+
+    work = a.workdir or tempfile.mkdtemp(prefix="bench_decompose_cli-")
+    t = time.perf_counter()
+    flags, text_dim = write_checkpoints(os.path.join(work, "ckpt"), a.tiny)
+    checkpoints_s = time.perf_counter() - t
+    frames, h, w = (9, 64, 112) if a.tiny else (81, 480, 832)
+    clips = [write_example(os.path.join(work, f"clip{i}"), frames, h, w, seed=i) for i in range(a.batch)]
+    cache = os.path.join(work, "conditioning")
+    dtype = "f32" if a.tiny else "bf16"
+    seed_text_cache(cache, flags, text_dim, dtype)
+    env = {**os.environ, "XDG_CACHE_HOME": os.path.join(work, "xdg"), "PYTHONPATH": ROOT}
+    common = ["--model", "wan", "--steps", str(a.steps), "--cache", cache, "--dtype", dtype,
+              *[x for k, v in flags.items() for x in (f"--{k}", v)]] + (["--height", str(h)] if a.tiny else [])
+
+    def clip_args(i, out):
+        c = clips[i]
+        return ["--video", os.path.join(c, "input_video.mp4"), "--masks", os.path.join(c, "mask_00.mp4"),
+                os.path.join(c, "mask_01.mp4"), "--out", out]
+
+    result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "steps": a.steps,
+              "clip": f"{frames}x{h}x{w}, 2 objects", "checkpoints_written_s": round(checkpoints_s, 1)}
+    for name in ("first_run", "second_run"):
+        result[name] = run_cli(common + clip_args(0, os.path.join(work, f"out_{name}")), env)
+        print(f"{name}: {result[name]['wall_s']} s", file=sys.stderr)
+    batch = [x for i in range(a.batch) for x in clip_args(i, os.path.join(work, f"out_batch{i}"))]
+    result["batch"] = run_cli(common + batch, env)
+    print(f"batch of {a.batch}: {result['batch']['wall_s']} s", file=sys.stderr)
+    emit("bench_decompose_cli", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

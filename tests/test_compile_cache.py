@@ -1,0 +1,53 @@
+"""omnijax.compile_cache: a second process reads the programs the first one compiled, small ones included."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from omnijax import compile_cache
+
+# Two small programs (each compiles in milliseconds: JAX's default 1 s floor would keep neither). The process
+# prints JAX's own cache counters.
+SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from jax import monitoring
+    from omnijax import compile_cache
+    counts = {"hits": 0, "misses": 0}
+    def listen(event, **kw):
+        if event == "/jax/compilation_cache/cache_hits": counts["hits"] += 1
+        if event == "/jax/compilation_cache/cache_misses": counts["misses"] += 1
+    monitoring.register_event_listener(listen)
+    compile_cache.enable(None if sys.argv[1] == "off" else sys.argv[1])
+    x = jnp.arange(64.0).reshape(8, 8)
+    jax.block_until_ready(jax.jit(lambda a: jnp.tanh(a @ a.T) + 1)(x))
+    jax.block_until_ready(jax.jit(lambda a: jnp.cumsum(a, 1) * 3)(x))
+    print(counts["hits"], counts["misses"])
+""")
+
+
+def _run(arg, env):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, arg], capture_output=True, text=True, env=env, check=True)
+    return tuple(int(v) for v in out.stdout.split()[-2:])
+
+
+def test_second_process_reuses_the_cache(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    hits, first = _run("default", env)
+    folder = str(tmp_path / "xdg" / "omnijax" / "jax")  # the default: $XDG_CACHE_HOME/omnijax/jax
+    # Two jits plus the eager arange/reshape: every one compiled and written, however small.
+    assert hits == 0 and first >= 2 and compile_cache.entries(folder) == first
+    assert _run("default", env) == (first, 0)
+    # --no-compile-cache: nothing read, nothing written.
+    before = compile_cache.entries(folder)
+    assert _run("off", env) == (0, 0) and compile_cache.entries(folder) == before
+
+
+def test_default_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.default_dir() == os.path.join(str(tmp_path), "omnijax", "jax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache.default_dir() == os.path.join(str(tmp_path), "home", ".cache", "omnijax", "jax")
