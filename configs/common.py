@@ -1,7 +1,7 @@
 """Builders shared by the expert configs (big_vision style: one file per job, no copies).
 
 Colon-args (`configs/effect_expert.py:base=wan21_14b,frames=33,runlocal`) move several fields at once:
-  base      wan21_1_3b (default) | wan21_14b   which Wan2.1-Fun-InP base (sizes, default K, mesh rules)
+  base      wan21_1_3b (default) | wan21_14b   which Casper base, i.e. Wan2.1-Fun-InP size (dims, K, mesh)
   res       480 (default) | 720 | WxH          training resolution (height; width for 16:9-ish 480p is 832)
   frames    81 (default)                       pixel frames per clip (4k+1)
   runlocal  (flag)                             tiny random models, procedural data, CPU, a few steps

@@ -21,9 +21,11 @@ import numpy as np
 from converters import registry
 from tasks import Models, SetupError
 
-CONVERT_HINT = ("convert the public weights first, e.g. `python launch/convert.py --source "
-                "/ckpt/Wan2.1-Fun-1.3B-InP --kind wan_dit --out /ckpt/omnijax/wan_dit_1.3b_inp`, then pass "
-                "--config.model_init.dit=/ckpt/omnijax/wan_dit_1.3b_inp (and .vae/.umt5/.clip/.tokenizer)")
+CONVERT_HINT = ("convert the base first: Casper (the paper's base) on Wan2.1-Fun-1.3B-InP, `python launch/convert.py "
+                "--kind wan_dit --source /ckpt/Wan2.1-Fun-1.3B-InP --casper /ckpt/casper/wan2.1_1.3b_transformer"
+                ".safetensors --out /ckpt/omnijax/casper_1.3b` (14B: --casper-lora on Wan2.1-Fun-14B-InP; plain "
+                "Fun-InP without --casper is the appendix-E ablation), then pass "
+                "--config.model_init.dit=/ckpt/omnijax/casper_1.3b (and .vae/.umt5/.clip/.tokenizer)")
 CACHE_HINT = ("build one with `python launch/cache_latents.py --out DIR --vae /ckpt/omnijax/wan_vae --frames F "
               "--height H --width W --num N` (docs/training.md)")
 MODEL_FILES = (("dit", "wan_dit"), ("vae", "wan_vae"), ("umt5", "umt5"), ("clip", "wan_clip"))
