@@ -94,7 +94,7 @@ def square(cells, grow=1):
     return out
 
 
-def decompose(k, settings=SamplerSettings()):
+def decompose(k, settings):
     log = []
     cond = StubConditioner()
     dec = Decomposer(StubExpert("effect", log), StubExpert("quality", log), StubVAE(), cond,
