@@ -1,11 +1,16 @@
 """Builders shared by the expert configs (big_vision style: one file per job, no copies).
 
 Colon-args (`configs/effect_expert.py:base=wan21_14b,frames=33,runlocal`) move several fields at once:
-  base      wan21_1_3b (default) | wan21_14b   which Wan2.1-Fun-InP base (sizes, default K, mesh rules)
+  base      wan21_1_3b (default) | wan21_14b   which Casper base, i.e. Wan2.1-Fun-InP size (dims, K, mesh)
   res       480 (default) | 720 | WxH          training resolution (height; width for 16:9-ish 480p is 832)
   frames    81 (default)                       pixel frames per clip (4k+1)
   runlocal  (flag)                             tiny random models, procedural data, CPU, a few steps
 Everything else is `--config.key=value`.
+
+Training data: outside runlocal the composites are made from real clips, `--config.input.fg_dir` (VideoMatte240K
+layout, fgr/ + pha/) and `--config.input.bg_dir` (background videos), and the trainer stops with one line when they
+are missing. The built-in procedural clips (toy data: moving shapes) are used only when asked for by name,
+`--config.input.source=procedural`, or with `runlocal`.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     # latent_cache: a folder written by launch/cache_latents.py; training then reads VAE posteriors from it and
     # never runs the VAE encoder ("" = encode the pixel composites every step). vae_sample: x0 latents are a
     # fresh posterior sample per step (the reference's `.sample()`), False: the posterior mean.
-    c.input = dict(source="procedural", batch_size=1, frames=a["frames"], height=height, width=width,
+    # source: "videomatte" (fg_dir + bg_dir, both required) or "procedural" (toy data, only by name; runlocal).
+    c.input = dict(source="videomatte", batch_size=1, frames=a["frames"], height=height, width=width,
                    num_threads=4, fg_dir="", bg_dir="", conditioning_cache="", latent_cache="", vae_sample=True)
     # remat: trainable blocks that recompute their forward in the backward pass (-1 all, 0 none, n the first n
     # adapted ones); see EasyOmnimatte.__call__. Lower it for shorter clips, raise it if the step runs out of memory.
@@ -86,7 +92,7 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     # The preview's sampler (the expert being trained stands in for both experts there).
     c.sampler = dict(steps=4, tau=0.5)
     if a["runlocal"]:
-        c.input.update(frames=9, height=64, width=64, num_threads=0)
+        c.input.update(source="procedural", frames=9, height=64, width=64, num_threads=0)
         c.model.update(variant="tiny-inp", dtype="f32", remat=0, attention="xla")
         c.model_init = dict(dit="tiny", vae="tiny", umt5="tiny", clip="tiny", tokenizer="tiny")
         c.lora.update(rank=4, alpha=4.0)

@@ -11,8 +11,14 @@ data source), block_analysis.png (the curve with the stages) and block_analysis_
 of the first sample). With --emit-k the last stdout line is K alone, for scripts. Bad input (size, frames,
 folders) ends with one "error: ..." line on stderr and exit status 2.
 
+The base is probed with the conditioning of training and sampling: the umT5 embedding of the empty prompt and the
+CLIP features of each sample's frame 0 (--umt5, --tokenizer, --clip; tiny random encoders with --model), on z_t,
+the sample's own video latent noised to --sigma (omnijax/omnimatte/analysis.py says why).
+
   python launch/analyze_blocks.py --model tiny --layers 6 --out /tmp/analysis --emit-k   # random model, CPU
-  python launch/analyze_blocks.py --dit /ckpt/Wan2.1-Fun-1.3B-InP --vae /ckpt/Wan2.1_VAE.pth \
+  python launch/analyze_blocks.py --dit /ckpt/omnijax/casper_1.3b --vae /ckpt/Wan2.1_VAE.pth \
+      --umt5 /ckpt/models_t5_umt5-xxl-enc-bf16.pth --tokenizer /ckpt/google/umt5-xxl \
+      --clip /ckpt/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth \
       --fg-dir /data/VideoMatte240K_JPEG_HD --bg-dir /data/backgrounds --workers 12 \
       --samples 1000 --frames 81 --size 480x832 --out runs/analysis                 # the paper's setting
 """
@@ -47,6 +53,10 @@ def _args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="override the number of blocks (random models)")
     p.add_argument("--dit", "--checkpoint", dest="dit", default=None,
                    help="DiT weights: a converted omnijax folder or the PyTorch files")
+    p.add_argument("--umt5", default=None, help="umT5-XXL encoder (needed with --dit; random tiny with --model)")
+    p.add_argument("--tokenizer", default=None, help="umT5 tokenizer directory (needed with --dit)")
+    p.add_argument("--clip", default=None, help="CLIP ViT-H/14 vision tower (needed with --dit)")
+    p.add_argument("--cache", default=None, help="conditioning embedding cache directory (omnijax/conditioning.py)")
     p.add_argument("--vae", default=None, help="Wan VAE: a converted omnijax folder or the .pth; default: a stand-in "
                                                 "pooling encoder, meaningful for random-model smoke runs only")
     p.add_argument("--samples", type=int, default=8, help="synthetic videos to analyse (the paper: 1000)")
@@ -82,6 +92,26 @@ def _model(args):
 def _check_blocks(n, what):
     if n < 3:
         raise InputError(f"{what} has {n} blocks; the three-stage split needs at least 3 (random models: --layers)")
+
+
+def _check_encoders(args):
+    missing = [f"--{k}" for k in ("umt5", "tokenizer", "clip") if not getattr(args, k)]
+    if args.dit and missing:
+        raise InputError(f"--dit needs {', '.join(missing)}: the block analysis probes the base with the "
+                         "conditioning it is trained and sampled with (empty-prompt umT5 embedding, CLIP of frame 0)")
+
+
+def _conditioner(args):
+    """The Conditioner of training and sampling: umT5 (+ tokenizer) and CLIP, tiny random ones for --model."""
+    if args.dit:
+        umt5 = registry.load("umt5", args.umt5, dtype=args.dtype, progress=True)[1]
+        clip = registry.load("wan_clip", args.clip, dtype=args.dtype, progress=True)[1]
+        tokenizer = args.tokenizer
+    else:
+        umt5 = registry.load("umt5", "tiny", dtype=args.dtype, seed=args.seed + 2)[1]
+        clip = registry.load("wan_clip", "tiny", dtype=args.dtype, seed=args.seed + 3)[1]
+        tokenizer = "tiny"
+    return registry.conditioner(args.cache, text_encoder=umt5, image_encoder=clip, tokenizer=tokenizer)
 
 
 def _encoder(args):
@@ -194,19 +224,24 @@ def main(argv=None) -> int:
     args = _args(argv)
     try:
         ds = dataset(args)
+        _check_encoders(args)  # before any model is read
         model = _model(args)
+        condition = analysis.conditioning(_conditioner(args))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    res = analysis.analyze(model, samples(ds, workers=args.workers), _encoder(args), sigma=args.sigma,
+    res = analysis.analyze(model, samples(ds, workers=args.workers), _encoder(args), condition=condition,
+                           sigma=args.sigma,
                            seed=args.seed, backend=args.backend, token_threshold=args.token_threshold,
                            progress=lambda i: print(f"sample {i + 1}/{len(ds)}", file=sys.stderr))
     report = {k: v for k, v in res.items() if k != "maps"}
     report.update(model=args.dit or args.model, num_blocks=len(res["contribution"]), frames=args.frames,
                   size=[ds.cfg.height, ds.cfg.width], data=describe(args, ds),
                   token_weights="fraction" if args.token_threshold is None else f">= {args.token_threshold}",
-                  encoder="vae" if args.vae else "pool stand-in", device=jax.devices()[0].platform)
+                  encoder="vae" if args.vae else "pool stand-in", device=jax.devices()[0].platform,
+                  conditioning={"text": "umT5 embedding of the empty prompt", "image": "CLIP features of frame 0",
+                                "umt5": args.umt5 or "tiny", "clip": args.clip or "tiny"})
     _atomic(os.path.join(args.out, "block_analysis.json"),
             lambda p: open(p, "w").write(json.dumps(report, indent=1)))
     _plots(res, args.out)

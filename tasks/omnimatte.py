@@ -21,9 +21,11 @@ import numpy as np
 from converters import registry
 from tasks import Models, SetupError
 
-CONVERT_HINT = ("convert the public weights first, e.g. `python launch/convert.py --source "
-                "/ckpt/Wan2.1-Fun-1.3B-InP --kind wan_dit --out /ckpt/omnijax/wan_dit_1.3b_inp`, then pass "
-                "--config.model_init.dit=/ckpt/omnijax/wan_dit_1.3b_inp (and .vae/.umt5/.clip/.tokenizer)")
+CONVERT_HINT = ("convert the base first: Casper (the paper's base) on Wan2.1-Fun-1.3B-InP, `python launch/convert.py "
+                "--kind wan_dit --source /ckpt/Wan2.1-Fun-1.3B-InP --casper /ckpt/casper/wan2.1_1.3b_transformer"
+                ".safetensors --out /ckpt/omnijax/casper_1.3b` (14B: --casper-lora on Wan2.1-Fun-14B-InP; plain "
+                "Fun-InP without --casper is the appendix-E ablation), then pass "
+                "--config.model_init.dit=/ckpt/omnijax/casper_1.3b (and .vae/.umt5/.clip/.tokenizer)")
 CACHE_HINT = ("build one with `python launch/cache_latents.py --out DIR --vae /ckpt/omnijax/wan_vae --frames F "
               "--height H --width W --num N` (docs/training.md)")
 MODEL_FILES = (("dit", "wan_dit"), ("vae", "wan_vae"), ("umt5", "umt5"), ("clip", "wan_clip"))
@@ -114,17 +116,37 @@ def build(config, mesh) -> Models:
 
 # ------------------------------------------------------------------------------------------------- input
 
-def pixel_source(config, *, seed: int):
-    """The synthetic composites of config.input: the pixel path's training data and the preview clip."""
+SOURCES = ("videomatte", "procedural")
+
+
+def check_source(inp) -> None:
+    """Training data only from real clips unless the toy source is named: one line naming the keys otherwise."""
+    if inp.source not in SOURCES:
+        raise SetupError(f"config.input.source={inp.source!r}: must be one of {', '.join(SOURCES)}")
+    missing = [k for k in ("fg_dir", "bg_dir") if not inp.get(k)]
+    if inp.source == "videomatte" and missing:
+        raise SetupError(f"config.input.{' and config.input.'.join(missing)} not set: training composites need "
+                         "--config.input.fg_dir (VideoMatte240K fgr/ + pha/) and --config.input.bg_dir (background "
+                         "videos); for the built-in toy clips say --config.input.source=procedural")
+    if inp.source == "procedural" and len(missing) < 2:
+        raise SetupError("config.input.source=procedural ignores config.input.fg_dir/bg_dir: set "
+                         "--config.input.source=videomatte to train on those folders, or clear them")
+
+
+def pixel_source(config, *, seed: int, preview: bool = False):
+    """The synthetic composites of config.input: the pixel path's training data and the preview clip.
+
+    With `preview`, missing folders fall back to procedural clips (the preview only shows the expert at work; a
+    latent-cache run needs no pixel folders)."""
     from data.composite import CompositeConfig
     from data.synthetic import SyntheticOmnimatte
 
     inp = config.input
-    if inp.source != "procedural" and not inp.fg_dir:
-        raise SetupError(f"input.source={inp.source!r} needs input.fg_dir (VideoMatte240K layout) and input.bg_dir")
+    if not preview:
+        check_source(inp)
     cfg = CompositeConfig(num_frames=inp.frames, height=inp.height, width=inp.width)
     fg = bg = None
-    if inp.fg_dir:
+    if inp.source == "videomatte" and inp.fg_dir and inp.bg_dir:
         from data.sources import VideoFolderSource, VideoMatteSource
 
         fg, bg = VideoMatteSource(inp.fg_dir, seed=seed), VideoFolderSource(inp.bg_dir)
@@ -256,7 +278,7 @@ def make_preview(models: Models, config):
     from omnijax.omnimatte.decompose import Decomposer, SamplerSettings, decompose_video
     from omnijax.omnimatte.preview import contact_sheet
 
-    clip = fit_to_latent(pixel_source(config, seed=config.seed + 7919)[0])
+    clip = fit_to_latent(pixel_source(config, seed=config.seed + 7919, preview=True)[0])
     video, masks = clip["video"], clip["mask"][None]
     settings = SamplerSettings(steps=config.sampler.steps, tau=config.sampler.tau)
     model = models.trainable

@@ -8,6 +8,14 @@ runs through the fused kernel at full resolution without an L x L map. C_b (eq. 
 pixels, normalised over blocks per video, then averaged over the dataset. Reading a token's attention as spread
 evenly over its pixels, both are the pixel-level equations exactly (token_mask). The curve's two deepest troughs
 split the blocks into three stages; the last stage is the Effect Expert's default set of adapted blocks.
+
+What the base model is probed on: one denoising step of the inpainting task the experts are trained and sampled
+on. z_t = (1 - sigma) z_0 + sigma eps is the noisy latent of the composite video itself (z_0 = VAE(video), eps
+Gaussian, t = 1000 sigma): the Casper base was trained to regenerate the masked region of exactly such a latent,
+so its attention at this step shows where it looks for the object's effects. The condition y is the removal mask
+(dilated object) and the video latent, as in training; the conditioning is what training and sampling feed the
+DiT, the umT5 embedding of the empty prompt and the CLIP features of frame 0 (`conditioning`), not zeros, which
+the model never saw and which would change every block's attention.
 """
 
 from __future__ import annotations
@@ -79,18 +87,36 @@ def association_attention(q, k, indicator, *, backend: str = "auto"):
     return jnp.mean(out[..., 0].astype(jnp.float32), axis=-1)
 
 
-def model_inputs(base, sample: Mapping, encode: Callable, *, sigma: float, key, dilation: int = 11):
-    """Builds the inpainting inputs for one sample: (z_t [1,T,h,w,16], t [1], y [1,T,h,w,20], context, clip)."""
-    cfg = base.config
+def conditioning(conditioner) -> Callable:
+    """video [F, H, W, 3] in [0, 1] -> (context [1, L, D], clip [1, 257, D]) as the trainer makes them: the empty
+    prompt's umT5 embedding and the CLIP features of frame 0 quantised to uint8 (as the trainer's batches hold it).
+
+    conditioner: an omnijax.conditioning.Conditioner (umT5 + tokenizer + CLIP, optionally over the cache).
+    """
+    from omnijax.models.wan.umt5 import pad_text_context
+
+    text = jnp.asarray(pad_text_context(conditioner.text([""])))
+
+    def condition(video):
+        frame = np.clip(np.rint(np.asarray(video[:1], np.float32) * 255), 0, 255)
+        return text, jnp.asarray(conditioner.image(frame / 127.5 - 1.0))
+
+    return condition
+
+
+def model_inputs(base, sample: Mapping, encode: Callable, *, sigma: float, key, context, clip, dilation: int = 11):
+    """Builds the inpainting inputs for one sample: (z_t [1,T,h,w,16], t [1], y [1,T,h,w,20], context, clip).
+
+    z_t is the sample's own video latent noised to `sigma` (see the module docstring); context [1, L, D] and clip
+    [1, 257, D] come from `conditioning`.
+    """
     video = jnp.asarray(sample["video"], jnp.float32)
     latent = encode(video * 2.0 - 1.0)[None]  # [1, T, h, w, 16]
     m = removal_mask(jnp.asarray(sample["mask"])[None], dilation=dilation)
     y = condition_y(latent_mask(m[None]), latent)
     noise = jax.random.normal(key, latent.shape, jnp.float32)
     z_t = (1.0 - sigma) * latent + sigma * noise
-    context = jnp.zeros((1, 1, cfg.text_dim), jnp.float32)  # no prompt (the paper uses none)
-    clip = jnp.zeros((1, 257, cfg.image_dim), jnp.float32) if cfg.is_i2v else None  # "no CLIP image" = zeros
-    return z_t, jnp.full((1,), 1000.0 * sigma), y, context, clip
+    return z_t, jnp.full((1,), 1000.0 * sigma), y, jnp.asarray(context), None if clip is None else jnp.asarray(clip)
 
 
 @partial(nnx.jit, static_argnames=("backend",))
@@ -147,7 +173,8 @@ def split_stages(curve) -> dict:
             "effect_expert_k": int(n - t2), "method": method}
 
 
-def analyze(base, samples: Iterable[Mapping], encode: Callable, *, sigma: float = 0.5, seed: int = 0,
+def analyze(base, samples: Iterable[Mapping], encode: Callable, *, condition: Callable, sigma: float = 0.5,
+            seed: int = 0,
             backend: str = "auto", token_threshold: float | None = None, dilation: int = 11, keep_maps: int = 1,
             progress: Callable | None = None) -> dict:
     """Runs the analysis over a dataset.
@@ -158,6 +185,7 @@ def analyze(base, samples: Iterable[Mapping], encode: Callable, *, sigma: float 
         (effect region minus the dilated object), F = 4k+1 and H, W multiples of 16: the samples of
         data.synthetic.SyntheticOmnimatte (spec §5) after data.pipeline.fit_to_latent.
       encode: video [F, H, W, 3] in [-1, 1] -> latent [T, H/8, W/8, 16] (the VAE's encoder).
+      condition: video [F, H, W, 3] in [0, 1] -> (context, clip), normally `conditioning(conditioner)`.
       sigma: noise level of the probed denoising step (t = 1000 sigma).
       token_threshold: None weighs tokens by their M^e fraction (exact, see token_mask); a number binarises it.
       keep_maps: keep the S maps of the first `keep_maps` samples ([blocks, T, h, w]) for plotting.
@@ -177,7 +205,9 @@ def analyze(base, samples: Iterable[Mapping], encode: Callable, *, sigma: float 
         if float(effect.sum()) == 0:
             skipped += 1
             continue
-        z_t, t, y, context, clip = model_inputs(base, sample, encode, sigma=sigma, key=sub, dilation=dilation)
+        context, clip = condition(sample["video"])
+        z_t, t, y, context, clip = model_inputs(base, sample, encode, sigma=sigma, key=sub, context=context,
+                                                clip=clip, dilation=dilation)
         grid = (z_t.shape[1] // patch[0], z_t.shape[2] // patch[1], z_t.shape[3] // patch[2])
         scores = block_scores(base, z_t, t, context, clip, y, effect[None], backend=backend)[:, 0]
         weights = effect * token_pixels(*np.shape(sample["effect_mask"]), patch)

@@ -27,7 +27,7 @@ def test_cli_analyses_the_synthetic_dataset(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(analysis, "analyze", recording)
     out = tmp_path / "analysis"
     rc = analyze_blocks.main(["--model", "tiny", "--layers", "4", "--samples", "2", "--frames", "5", "--size",
-                              "32x48", "--seed", "3", "--out", str(out), "--emit-k"])
+                              "32x48", "--seed", "3", "--out", str(out), "--emit-k", "--cache", str(tmp_path / "c")])
     assert rc == 0
     rep = json.loads((out / "block_analysis.json").read_text())
     assert len(rep["contribution"]) == 4 and abs(sum(rep["contribution"]) - 1) < 1e-5
@@ -35,6 +35,7 @@ def test_cli_analyses_the_synthetic_dataset(tmp_path, capsys, monkeypatch):
     assert 1 <= rep["effect_expert_k"] <= 4 and rep["effect_expert_k"] == 4 - rep["troughs"][1]
     assert rep["data"]["dataset"] == "data.synthetic.SyntheticOmnimatte" and rep["data"]["seed"] == 3
     assert rep["data"]["foregrounds"] == rep["data"]["backgrounds"] == "procedural"
+    assert rep["conditioning"]["text"] == "umT5 embedding of the empty prompt" and rep["conditioning"]["umt5"] == "tiny"
     assert (out / "block_analysis.png").stat().st_size > 0 and (out / "block_analysis_maps.png").stat().st_size > 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(rep["effect_expert_k"])
     assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
@@ -122,10 +123,18 @@ def test_converted_checkpoints_and_the_vae_encoder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(analysis, "analyze", recording)
     out = tmp_path / "analysis"
-    assert analyze_blocks.main(["--checkpoint", dit, "--vae", vae, "--samples", "1", "--frames", "5", "--size",
-                                "32x48", "--out", str(out)]) == 0
+    assert analyze_blocks.main(["--checkpoint", dit, "--vae", vae, "--umt5", "tiny", "--clip", "tiny", "--tokenizer",
+                                "tiny", "--cache", str(tmp_path / "cache"), "--samples", "1", "--frames", "5",
+                                "--size", "32x48", "--out", str(out)]) == 0
     rep = json.loads((out / "block_analysis.json").read_text())
     assert rep["encoder"] == "vae" and len(rep["contribution"]) == 3
     video, z = latents[0]
     want = vae_model.encode(jnp.asarray(video)[None])[0]  # the saved model itself, eagerly
     np.testing.assert_allclose(z, np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_dit_needs_the_conditioning_encoders(tmp_path, capsys):
+    rc = analyze_blocks.main(["--dit", str(tmp_path), "--umt5", "tiny", "--frames", "5", "--size", "32x32",
+                              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("error: --dit needs --tokenizer, --clip")

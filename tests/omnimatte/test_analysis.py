@@ -6,11 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from converters import registry
 from data.composite import CompositeConfig
+from data.latent_cache import to_uint8
 from data.synthetic import SyntheticOmnimatte
 from omnijax.layers.attention import attention
+from omnijax.models.wan.umt5 import pad_text_context
 from omnijax.omnimatte import analysis as an
 from tests.omnimatte.helpers import tiny_base
+
+
+@pytest.fixture(scope="module")
+def conditioner(tmp_path_factory):
+    """Tiny random umT5 + tokenizer + CLIP, the dims of the tiny-inp DiT (as the runlocal trainer uses them)."""
+    umt5 = registry.load("umt5", "tiny", seed=2)[1]
+    clip = registry.load("wan_clip", "tiny", seed=3)[1]
+    return registry.conditioner(str(tmp_path_factory.mktemp("cond")), text_encoder=umt5, image_encoder=clip,
+                                tokenizer="tiny")
 
 
 def _captured_qk(base, z_t, t, context, clip, y):
@@ -35,10 +47,12 @@ def _pixel_tokens(num_frames, height, width):
     return tok.reshape(-1)
 
 
-def test_scores_equal_the_pixel_level_equations_on_a_dataset_sample():
+def test_scores_equal_the_pixel_level_equations_on_a_dataset_sample(conditioner):
     base = tiny_base(num_layers=3)
     sample = SyntheticOmnimatte(CompositeConfig(num_frames=5, height=32, width=48), seed=0)[0]
-    z_t, t, y, context, clip = an.model_inputs(base, sample, an.pool_encoder(), sigma=0.6, key=jax.random.key(0))
+    context, clip = an.conditioning(conditioner)(sample["video"])
+    z_t, t, y, context, clip = an.model_inputs(base, sample, an.pool_encoder(), sigma=0.6, key=jax.random.key(0),
+                                               context=context, clip=clip)
     effect = an.token_mask(sample["effect_mask"])
     # The sample's thin shadow fills no token: only partial fractions, which a 0.5 threshold would drop.
     assert 0 < float(effect.max()) < 0.5
@@ -85,3 +99,31 @@ def test_stage_split_at_troughs():
     assert out["troughs"] == [1, 5]
     mono = an.split_stages(np.arange(9.0))
     assert mono["method"].startswith("thirds") and mono["stages"] == [[0, 3], [3, 6], [6, 9]]
+
+
+def test_the_training_conditioning_reaches_the_dit(conditioner, monkeypatch):
+    """analyze() probes the DiT with the empty prompt's umT5 embedding and CLIP of frame 0 (quantised to uint8 as
+    the trainer's batches hold it), built here from the conditioner directly; and the DiT's scores depend on it
+    (zeros, the old probe, give other scores)."""
+    base = tiny_base(num_layers=3)
+    sample = SyntheticOmnimatte(CompositeConfig(num_frames=5, height=32, width=48), seed=0)[0]
+    seen = []
+    real = an.block_scores
+
+    def spy(base, z_t, t, context, clip, y, indicator, **kw):
+        out = real(base, z_t, t, context, clip, y, indicator, **kw)
+        seen.append(dict(z_t=z_t, t=t, context=np.asarray(context), clip=np.asarray(clip), y=y, ind=indicator,
+                         scores=np.asarray(out)))
+        return out
+
+    monkeypatch.setattr(an, "block_scores", spy)
+    an.analyze(base, [sample], an.pool_encoder(), condition=an.conditioning(conditioner), sigma=0.6, backend="xla")
+    (got,) = seen
+    want_text = pad_text_context(conditioner.text([""]))
+    want_clip = conditioner.image(to_uint8(sample["video"][:1]).astype(np.float32) / 127.5 - 1.0)
+    np.testing.assert_array_equal(got["context"], want_text)
+    np.testing.assert_allclose(got["clip"], want_clip, rtol=1e-6, atol=1e-6)
+    assert np.abs(got["context"]).max() > 0 and np.abs(got["clip"]).max() > 0
+    zeros = np.asarray(real(base, got["z_t"], got["t"], jnp.zeros_like(got["context"]), jnp.zeros_like(got["clip"]),
+                            got["y"], got["ind"], backend="xla"))
+    assert np.abs(zeros - got["scores"]).max() > 1e-4
