@@ -2,7 +2,7 @@
 one clean background.
 
   python launch/decompose.py --video clip.mp4 --masks obj0.mp4 obj1.mp4 --out layers/ \
-      --dit /ckpt/omnijax/wan_dit_1.3b_inp --effect-lora effect.safetensors --quality-lora quality.safetensors \
+      --dit /ckpt/omnijax/casper_1.3b --effect-lora effect.safetensors --quality-lora quality.safetensors \
       --vae /ckpt/Wan2.1_VAE.pth --umt5 /ckpt/umt5.pth --tokenizer /ckpt/google/umt5-xxl --clip /ckpt/clip.pth
   python launch/decompose.py --video clip.mp4 --masks obj0/ --out layers/ --model tiny   # random tiny models
   python launch/decompose.py --video a.mp4 --masks a0.mp4 --out la/ --video b.mp4 --masks b0/ b1/ --out lb/ ...
@@ -560,7 +560,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool in --out")
     p.add_argument("--model", choices=["wan", "tiny"], default="wan", help="tiny: random tiny models (smoke runs)")
     p.add_argument("--dit", "--base", dest="dit",
-                   help="Wan2.1-Fun-InP DiT: omnijax checkpoint dir or original/diffusers weights")
+                   help="Casper DiT (Wan2.1-Fun-InP + Casper, `launch/convert.py --casper`; plain Fun-InP is the "
+                        "paper's appendix-E ablation): omnijax checkpoint dir or original/diffusers weights")
     p.add_argument("--effect-lora", help="Effect Expert LoRA (.safetensors; omnijax, PEFT or kohya names)")
     p.add_argument("--quality-lora", help="Quality Expert LoRA")
     p.add_argument("--vae", help="Wan2.1 VAE (.pth, diffusers safetensors or omnijax dir)")
