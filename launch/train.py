@@ -250,7 +250,8 @@ def _unknown_key(argv: list[str]) -> str | None:
         for part in a[len("--config."):].split("=", 1)[0].split("."):
             if not hasattr(node, "keys") or part not in node:
                 keys = [".".join([*done, k]) for k in node.keys()] if hasattr(node, "keys") else []
-                close = difflib.get_close_matches(".".join([*done, part]), keys, n=5, cutoff=0.5)
+                close = [".".join([*done, k]) for k in
+                         difflib.get_close_matches(part, list(node.keys()) if keys else [], n=5, cutoff=0.5)]
                 hint = f"close matches: {', '.join(close)}" if close else f"keys here: {', '.join(keys[:20])}"
                 return f"error: unknown config key config.{'.'.join([*done, part])} ({hint})"
             node, done = node[part], [*done, part]
