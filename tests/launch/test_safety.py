@@ -43,7 +43,8 @@ def test_lr_1e30_stops_and_a_sane_lr_resumes_from_the_kept_checkpoint(tmp_path, 
     """runlocal warms up from lr 0: step 1 is a no-op update (good), step 2 explodes the adapters (finite but
     ~1e29), step 3's loss is non-finite. Checkpoint 2 holds the wrecked state and must not survive."""
     work = str(tmp_path / "run")
-    quick = {"ckpt_steps": 1, "total_steps": 3, "evals.preview_steps": 100, "evals.export_formats": ("omnijax",)}
+    quick = {"ckpt_steps": 1, "total_steps": 3, "evals.preview_steps": 100, "evals.export_formats": ("omnijax",),
+             "input.frames": 5, "input.height": 32, "input.width": 32}
     with pytest.raises(SystemExit, match=r"the last good checkpoint is step 1 .*deleted checkpoint\(s\) \[2\]"):
         train_cli.train(_config(lr=1e30, **quick), work)
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["1"]
