@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from launch import common  # noqa: F401  (sets XLA flags before jax initialises a backend)
 from omnijax import sharding
 from omnijax.io.atomic import atomic_write
+from omnijax.io.sheet import title_file
 from omnijax.training.checkpoint import Checkpointer
 from omnijax.training.chrono import Chrono
 from omnijax.training.metrics import MetricWriter
@@ -220,6 +221,9 @@ def train(config, workdir: str):
                     with chrono.paused():
                         t0 = time.perf_counter()
                         preview(model, path)
+                        if os.path.isfile(path):  # which step and how far the training had got
+                            title_file(path, f"step {step}/{config.total_steps}   loss {float(metrics['loss']):.5f}"
+                                             f"   ({config.get('task', 'omnimatte')})")
                     logging.info("wrote preview in %.1fs", time.perf_counter() - t0)
         ckpt.close()
 
