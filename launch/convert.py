@@ -23,6 +23,7 @@ import time
 
 import converters
 from converters import registry
+from launch.common import unwritable
 from omnijax.checkpoint import save_pretrained
 
 
@@ -54,11 +55,9 @@ def main(argv=None) -> int:
         if path and not os.access(path, os.R_OK):
             print(f"error: {path}: not readable", file=sys.stderr)
             return 2
-    parent = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):  # before minutes of reading weights
-        print(f"error: --out {args.out}: {parent} is not a writable folder", file=sys.stderr)
+    why = unwritable(args.out)
+    if why:  # before minutes of reading weights
+        print(f"error: --out {args.out}: {why}", file=sys.stderr)
         return 2
     t0 = time.time()
     try:

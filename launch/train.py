@@ -81,11 +81,9 @@ def check_config(config, workdir: str) -> None:
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise SetupError(f"--workdir {workdir}: exists and is not a folder")
-    probe = workdir
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise SetupError(f"--workdir {workdir}: {probe} is not writable")
+    why = common.unwritable(os.path.join(workdir, "checkpoints"))
+    if why:
+        raise SetupError(f"--workdir {workdir}: {why}")
 
 
 def _flat_config(config) -> dict:

@@ -149,8 +149,19 @@ def test_convert_checks_out_before_reading(tmp_path, capsys):
     src = tmp_path / "w.safetensors"
     save_file({"a": np.ones(2, np.float32)}, str(src))
     rc, err = _convert(capsys, "--source", str(src), "--kind", "flux_dit", "--out", str(blocker / "o"))
-    assert rc == 2 and "is not a writable folder" in _one_error_line(err)
+    assert rc == 2 and f"{blocker} is a file, not a folder" in _one_error_line(err)
     rc, err = _convert(capsys, "--source", str(tmp_path / "missing"), "--kind", "flux_dit", "--out",
                        str(tmp_path / "o"))
     assert rc == 2 and "missing: no such file or folder" in _one_error_line(err)
     assert blocker.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["file", "w.safetensors"]
+
+
+def test_decompose_image_checks_out_before_work(tmp_path, capsys):
+    from launch import decompose_image
+
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    rc = decompose_image.main(["--image", str(blocker), "--model", "tiny", "--out", str(blocker / "layers")])
+    assert rc == 2
+    assert f"--out {blocker / 'layers'}: {blocker} is a file, not a folder" in _one_error_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == ["file"] and blocker.read_text() == "keep"
