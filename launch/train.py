@@ -8,7 +8,14 @@ One readable loop (big_vision's train.py as the model): logging -> mesh -> input
 optimizer / restore -> compiled step -> loop (step; log; non-finite guard; checkpoint; preview) -> export.
 The workdir holds checkpoints/ (LoRA params, optimizer state, step, data-iterator state, rng, the task's
 signature and the chrono state: a rerun resumes exactly), metrics.jsonl + TensorBoard events, previews/*.png
-and what the task exports.
+and what the task exports, and train.log (every log line; the console shows this project's lines and library
+warnings, all of them with --verbose).
+
+Before any model is built the config's numbers, model files and the workdir are checked (one line, exit code 2;
+an unknown --config.key lists the close matches). A resume must have the checkpoint's signature (expert kind,
+rank, targets, base size); other changed settings (lr, total_steps, ...) are logged and take effect. When the
+non-finite guard stops a run, the checkpoints saved from the state that went bad are deleted, so a rerun (with a
+lower --config.lr) resumes from a good one.
 """
 
 from __future__ import annotations

@@ -165,3 +165,17 @@ def test_decompose_image_checks_out_before_work(tmp_path, capsys):
     assert rc == 2
     assert f"--out {blocker / 'layers'}: {blocker} is a file, not a folder" in _one_error_line(capsys.readouterr().err)
     assert os.listdir(tmp_path) == ["file"] and blocker.read_text() == "keep"
+
+
+def test_export_lora_checks_out_before_writing(tmp_path, capsys):
+    from launch import export_lora
+
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    src = tmp_path / "l.safetensors"
+    save_file({"a": np.ones(2, np.float32)}, str(src))
+    rc = export_lora.main(["--source", str(src), "--format", "omnijax", "--out", str(blocker / "x.safetensors")])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--out {blocker}/x.safetensors: {blocker} is a file, not a folder" in line
+    assert blocker.read_text() == "keep"
