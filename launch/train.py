@@ -134,13 +134,16 @@ def train(config, workdir: str):
         data_iter = iter(task.input_pipeline(config, seed=config.seed))
 
         # ------------------------------------------------------------ models (born sharded) and optimizer
+        logging.info("building the models...")
+        t0 = time.perf_counter()
         models = task.build(config, mesh)
         model = models.trainable
         signature = _signature(models, model)
         tx, schedule = make_optimizer(config)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
         n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-        logging.info("task %s: %d LoRA params; %s", config.get("task", "omnimatte"), n_lora, signature)
+        logging.info("task %s: built in %.1fs, %d LoRA params; %s", config.get("task", "omnimatte"),
+                     time.perf_counter() - t0, n_lora, signature)
 
         # ------------------------------------------------------------ restore
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpt)
@@ -156,7 +159,7 @@ def train(config, workdir: str):
             before, now = meta["extra"].get("config") or {}, _flat_config(config)
             changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
                        if before.get(k) != now.get(k)]
-            if changed:
+            if changed and before:  # (a checkpoint from before configs were stored has nothing to compare)
                 logging.warning("resuming step %d with changed settings: %s", meta["step"], "; ".join(changed))
         restored = ckpt.restore(model, optimizer)
         if restored is not None:
