@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 
@@ -50,6 +51,12 @@ class SafetensorsFile(Mapping):
         self.metadata = header.pop("__metadata__", {}) or {}
         self._header = header
         self._offset = 8 + n
+        # A cut download or copy: the header promises more bytes than the file holds (else mmap reads fail later
+        # with a numpy "buffer is smaller than requested size" that names no file).
+        need = self._offset + max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        size = os.path.getsize(path)
+        if size < need:
+            raise SourceCheckpointError(f"{path}: truncated safetensors file ({size} bytes, its header needs {need})")
         self._mm = None
 
     def _buffer(self):
@@ -151,10 +158,13 @@ def load_torch_pickle(path: str) -> Mapping:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
+        # Name only what the pickle needs; torch's own text suggests weights_only=False, the wrong way here.
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        needs = f" (it needs {found.group(1)})" if found else ""
         raise UnsafeCheckpointError(
-            f"{path}: refused: this pickle needs more than tensors and plain containers, and omnijax only opens "
-            f"checkpoints with torch's weights-only loader. Convert it to safetensors in a trusted environment. "
-            f"(torch said: {str(e).splitlines()[0]})") from e
+            f"{path}: refused: this pickle needs more than tensors and plain containers{needs}, and omnijax only "
+            f"opens checkpoints with torch's weights-only loader. Convert it to safetensors in a trusted "
+            f"environment.") from e
     except (RuntimeError, OSError, EOFError) as e:
         raise SourceCheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
     obj = unwrap_state_dict(obj)

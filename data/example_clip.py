@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
@@ -78,15 +76,12 @@ def make_example(frames: int = 21, height: int = 128, width: int = 224, seed: in
 def write_example(out: str, frames: int = 21, height: int = 128, width: int = 224, seed: int = 0,
                   fps: float = 12.0) -> str:
     """Writes the clip to folder `out` (layout in the module doc), atomically; replaces an existing folder."""
+    from omnijax.io.atomic import atomic_path
     from omnijax.io.video import write_frames, write_video
 
     clip = make_example(frames, height, width, seed)
     to8 = lambda x: np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    try:
+    with atomic_path(out, directory=True) as tmp:
         write_video(os.path.join(tmp, "input_video.mp4"), to8(clip["video"]), fps)
         for k in range(NUM_OBJECTS):
             write_video(os.path.join(tmp, f"mask_{k:02d}.mp4"), np.repeat(to8(clip["masks"][k])[..., None], 3, -1),
@@ -95,12 +90,6 @@ def write_example(out: str, frames: int = 21, height: int = 128, width: int = 22
         write_frames(os.path.join(tmp, "gt", "background"), to8(clip["background"]))
         with open(os.path.join(tmp, "prompt.json"), "w") as f:
             json.dump({"bg": ""}, f)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

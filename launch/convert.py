@@ -23,6 +23,7 @@ import time
 
 import converters
 from converters import registry
+from launch.common import unwritable
 from omnijax.checkpoint import save_pretrained
 
 
@@ -47,6 +48,17 @@ def main(argv=None) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         print(f"error: {args.out} exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
+    for path in (args.source, args.casper, args.casper_lora):
+        if path and not os.path.exists(path):
+            print(f"error: {path}: no such file or folder", file=sys.stderr)
+            return 2
+        if path and not os.access(path, os.R_OK):
+            print(f"error: {path}: not readable", file=sys.stderr)
+            return 2
+    why = unwritable(args.out)
+    if why:  # before minutes of reading weights
+        print(f"error: --out {args.out}: {why}", file=sys.stderr)
+        return 2
     t0 = time.time()
     try:
         if casper:
@@ -56,9 +68,10 @@ def main(argv=None) -> int:
                                                            progress=True)
         else:
             config, model = registry.load(args.kind, args.source, dtype=args.param_dtype, progress=True)
-    except (converters.ConversionError, converters.CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, KeyError, FileNotFoundError) as e:  # ConversionError, CheckpointError, config inference
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # a KeyError's str() adds quotes
+        print(f"error: {msg if args.source in msg else f'{args.source}: {msg}'}", file=sys.stderr)
+        return 2
     extra = {k: os.path.abspath(v) for k, v in (("casper", args.casper), ("casper_lora", args.casper_lora)) if v}
     if args.casper_lora:
         extra["lora_weight"] = args.lora_weight

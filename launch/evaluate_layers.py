@@ -27,13 +27,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.alphablend import read_rgba, resize_image  # noqa: E402
+from omnijax.io.atomic import atomic_write  # noqa: E402
 from omnijax.io.video import IMAGE_SUFFIXES, VideoError  # noqa: E402
 from omnijax.metrics.image import image_metrics, mean_metrics  # noqa: E402
 
@@ -203,17 +203,7 @@ def _finite(x):
 
 
 def _write_json(path: str, data: dict) -> None:
-    data = _finite(data)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, json.dumps(_finite(data), indent=1))
 
 
 def table(report: dict) -> str:

@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from launch.common import unwritable  # noqa: E402
 from omnijax.omnimatte import lora_io  # noqa: E402
 from omnijax.omnimatte.experts import ExpertConfig  # noqa: E402
 
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
     try:
+        why = unwritable(args.out)  # before reading anything
+        if why:
+            raise ExportError(f"--out {args.out}: {why}")
         if os.path.isfile(args.source):
             adapters, expert = read_file(args.source, args.mask)
             where = args.source
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
             print(f"wrote {path} ({fmt}: {len(adapters)} adapters, {what}, from {where})")
     except (ExportError, lora_io.LoRAFileError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

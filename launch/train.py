@@ -8,13 +8,27 @@ One readable loop (big_vision's train.py as the model): logging -> mesh -> input
 optimizer / restore -> compiled step -> loop (step; log; non-finite guard; checkpoint; preview) -> export.
 The workdir holds checkpoints/ (LoRA params, optimizer state, step, data-iterator state, rng, the task's
 signature and the chrono state: a rerun resumes exactly), metrics.jsonl + TensorBoard events, previews/*.png
-and what the task exports.
+and what the task exports, and train.log (every log line; the console shows this project's lines and library
+warnings, all of them with --verbose).
+
+Before any model is built the config's numbers, model files and the workdir are checked (one line, exit code 2;
+an unknown --config.key lists the close matches). A resume must have the checkpoint's signature (expert kind,
+rank, targets, base size); other changed settings (lr, total_steps, ...) are logged and take effect. When the
+non-finite guard stops a run, the checkpoints saved from the state that went bad are deleted, so a rerun (with a
+lower --config.lr) resumes from a good one.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import importlib.util
+import json
+import logging as pylogging
+import math
 import os
+import sys
+import time
 
 import jax
 import numpy as np
@@ -25,6 +39,7 @@ from ml_collections import config_flags
 from launch import common  # noqa: F401  (sets XLA flags before jax initialises a backend)
 from omnijax import sharding
 from omnijax.io.atomic import atomic_write
+from omnijax.io.sheet import title_file
 from omnijax.training.checkpoint import Checkpointer
 from omnijax.training.chrono import Chrono
 from omnijax.training.metrics import MetricWriter
@@ -35,9 +50,71 @@ from tasks import SetupError, get_task
 _CONFIG = config_flags.DEFINE_config_file("config", None, "training config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, previews, LoRA files)")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host runs)")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "print every library log line (orbax, XLA) on the console too; "
+                             "they always go to WORKDIR/train.log")
+
+# Settings a resume may change (logged); any other change of a checkpoint's config is also only logged, but the
+# task's signature (expert kind, rank, targets, base) must match or the resume stops.
+_POSITIVE_INTS = ("total_steps", "log_steps", "ckpt_steps", "input.batch_size", "evals.preview_steps",
+                  "loss.nonfinite_patience")
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if node is None or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_config(config, workdir: str) -> None:
+    """Checks before any model is built: numbers in range, the model files exist, the workdir is writable."""
+    for key in _POSITIVE_INTS:
+        v = _get(config, key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise SetupError(f"config.{key} = {v!r}: must be an integer >= 1")
+    keep = config.get("keep_ckpt")
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise SetupError(f"config.keep_ckpt = {keep!r}: must be an integer >= 1 (or None: keep all)")
+    lr = config.get("lr")
+    if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise SetupError(f"config.lr = {lr!r}: must be a finite number > 0")
+    for name, src in dict(config.get("model_init") or {}).items():
+        if isinstance(src, str) and src and src != "tiny" and not os.path.exists(src):
+            raise SetupError(f"config.model_init.{name} = {src!r}: no such file or folder")
+        if isinstance(src, str) and src and src != "tiny" and not os.access(src, os.R_OK):
+            raise SetupError(f"config.model_init.{name} = {src!r}: not readable")
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise SetupError(f"--workdir {workdir}: exists and is not a folder")
+    why = common.unwritable(os.path.join(workdir, "checkpoints"))
+    if why:
+        raise SetupError(f"--workdir {workdir}: {why}")
+
+
+def _flat_config(config) -> dict:
+    """The config as {dotted key: JSON value}, stored with each checkpoint so a resume can say what changed."""
+    out = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix + k] = v
+    walk("", json.loads(config.to_json_best_effort()))
+    return out
+
+
+def _signature(models, model) -> dict:
+    # The base the adapters sit on, by size: a resume onto another base (1.3B vs 14B) must stop, whatever the task.
+    n_base = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam))))
+    return dict(models.signature, base_params=int(n_base))
 
 def train(config, workdir: str):
     """Runs (or resumes) the training job of `config` in `workdir`; returns the final train-step state."""
+    check_config(config, workdir)
     task = get_task(config.get("task", "omnimatte"))
 
     # ---------------------------------------------------------------- logging
@@ -57,22 +134,33 @@ def train(config, workdir: str):
         data_iter = iter(task.input_pipeline(config, seed=config.seed))
 
         # ------------------------------------------------------------ models (born sharded) and optimizer
+        logging.info("building the models...")
+        t0 = time.perf_counter()
         models = task.build(config, mesh)
         model = models.trainable
+        signature = _signature(models, model)
         tx, schedule = make_optimizer(config)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
         n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-        logging.info("task %s: %d LoRA params; %s", config.get("task", "omnimatte"), n_lora, models.signature)
+        logging.info("task %s: built in %.1fs, %d LoRA params; %s", config.get("task", "omnimatte"),
+                     time.perf_counter() - t0, n_lora, signature)
 
         # ------------------------------------------------------------ restore
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpt)
         rng = jax.random.key(config.seed)
         first_step, chrono_state = 0, None
         meta = ckpt.metadata()
-        if meta is not None and meta["extra"].get("signature") != models.signature:  # before any array is read
-            raise SetupError(f"{ckpt.directory} step {meta['step']} was trained with {meta['extra'].get('signature')}, "
-                             f"this config gives {models.signature}: resume with the same settings or use a new "
-                             "workdir")
+        if meta is not None:  # before any array is read
+            old = meta["extra"].get("signature") or {}
+            # A checkpoint from before a signature key existed is compared on the keys it has.
+            if {k: v for k, v in signature.items() if k in old} != old:
+                raise SetupError(f"{ckpt.directory} step {meta['step']} was trained with {old}, this config gives "
+                                 f"{signature}: resume with the same settings or use a new workdir")
+            before, now = meta["extra"].get("config") or {}, _flat_config(config)
+            changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                       if before.get(k) != now.get(k)]
+            if changed and before:  # (a checkpoint from before configs were stored has nothing to compare)
+                logging.warning("resuming step %d with changed settings: %s", meta["step"], "; ".join(changed))
         restored = ckpt.restore(model, optimizer)
         if restored is not None:
             first_step, rng, chrono_state = restored.step, restored.rng, restored.extra.get("chrono")
@@ -86,17 +174,19 @@ def train(config, workdir: str):
             return make_batch(next(data_iter), jax.random.fold_in(jax.random.fold_in(rng, step), 1))
 
         step_fn, state = make_train_step(model, optimizer, functools.partial(task.loss, config=config))
+        preview = task.make_preview(models, config)
+        # The chrono starts before the compile: "first step (compile)" is the first batch, compile and step.
+        chrono = Chrono(config.total_steps, examples_per_step=config.input.batch_size, first_step=first_step)
         batch = next_batch(first_step)
+        logging.info("compiling the train step...")
+        t0 = time.perf_counter()
         compiled = step_fn.compile(state, batch, jax.random.fold_in(rng, first_step))
         mem = compiled.memory_analysis()
-        if mem is not None:
-            logging.info("compiled step: temp %.2f GB, arguments %.2f GB",
-                         getattr(mem, "temp_size_in_bytes", 0) / 2**30,
-                         getattr(mem, "argument_size_in_bytes", 0) / 2**30)
-        preview = task.make_preview(models, config)
+        logging.info("compiled the train step in %.1fs%s", time.perf_counter() - t0, "" if mem is None else
+                     f": temp {getattr(mem, 'temp_size_in_bytes', 0) / 2**30:.2f} GB, arguments "
+                     f"{getattr(mem, 'argument_size_in_bytes', 0) / 2**30:.2f} GB")
 
         # ------------------------------------------------------------ loop
-        chrono = Chrono(config.total_steps, examples_per_step=config.input.batch_size, first_step=first_step)
         if chrono_state:
             chrono.load_state(chrono_state)
         guard = NonFiniteGuard(config.loss.nonfinite_patience)
@@ -106,13 +196,20 @@ def train(config, workdir: str):
                 if step > first_step + 1:
                     batch = next_batch(step - 1)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+                if step == first_step + 1:
+                    jax.block_until_ready(metrics)  # the first tick must include the step, not just its dispatch
                 chrono.tick(step)
                 try:
                     guard(step, metrics)
                 except FloatingPointError as e:
-                    ckpt.wait()
-                    raise SystemExit(f"stopping: {e}. The last good checkpoint is step {ckpt.latest_step()} in "
-                                     f"{ckpt.directory}; lower config.lr or check the data.") from e
+                    # The state these steps started from is wrecked: drop every checkpoint saved from it.
+                    gone = ckpt.delete_from(max(guard.first_bad_step - 1, 0))
+                    last = ckpt.latest_step()
+                    kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None else
+                            f"no good checkpoint is left in {ckpt.directory} (a rerun starts at step 0)")
+                    dropped = f" (deleted checkpoint(s) {gone}, saved from that state)" if gone else ""
+                    raise SystemExit(f"stopping: {e}; {kept}{dropped}. Rerun with a lower --config.lr (it takes "
+                                     "effect on resume) or check the data.") from e
                 if step % config.log_steps == 0 or step == config.total_steps:
                     m = {k: float(v) for k, v in metrics.items()}
                     m.update(lr=float(schedule(step - 1)), **chrono.metrics())
@@ -123,19 +220,79 @@ def train(config, workdir: str):
                     model, optimizer = step_fn.merge(state)
                     with chrono.paused():
                         ckpt.save(step, model, optimizer, rng=rng, data_state=data_iter.get_state(),
-                                  extra=dict(signature=models.signature, chrono=chrono.state_dict()))
+                                  extra=dict(signature=signature, chrono=chrono.state_dict(),
+                                             config=_flat_config(config)))
                 if step % config.evals.preview_steps == 0:
                     model, _ = step_fn.merge(state)
+                    path = os.path.join(workdir, "previews", f"step_{step:07d}.png")
+                    logging.info("writing preview %s...", path)
                     with chrono.paused():
-                        preview(model, os.path.join(workdir, "previews", f"step_{step:07d}.png"))
+                        t0 = time.perf_counter()
+                        preview(model, path)
+                        if os.path.isfile(path):  # which step and how far the training had got
+                            title_file(path, f"step {step}/{config.total_steps}   loss {float(metrics['loss']):.5f}"
+                                             f"   ({config.get('task', 'omnimatte')})")
+                    logging.info("wrote preview in %.1fs", time.perf_counter() - t0)
         ckpt.close()
 
         # ------------------------------------------------------------ export
         model, _ = step_fn.merge(state)
+        logging.info("exporting...")
         for path in task.export(model, config, workdir):
             logging.info("wrote %s", path)
     logging.info("done: %s", workdir)
     return state
+
+
+def _unknown_key(argv: list[str]) -> str | None:
+    """For `--config.a.b=...` overrides naming no config field: one line with the close matches."""
+    spec = next((a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None)
+                 for i, a in enumerate(argv) if a in ("--config", "-config") or a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("_config_for_check", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        node, done = config, []
+        for part in a[len("--config."):].split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or part not in node:
+                keys = [".".join([*done, k]) for k in node.keys()] if hasattr(node, "keys") else []
+                close = [".".join([*done, k]) for k in
+                         difflib.get_close_matches(part, list(node.keys()) if keys else [], n=5, cutoff=0.5)]
+                hint = f"close matches: {', '.join(close)}" if close else f"keys here: {', '.join(keys[:20])}"
+                return f"error: unknown config key config.{'.'.join([*done, part])} ({hint})"
+            node, done = node[part], [*done, part]
+    return None
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        try:
+            line = _unknown_key(argv)
+        except Exception:  # noqa: BLE001  (the hint is best effort; the original error is reported instead)
+            line = None
+        print(line or f"error: bad --config override: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _quiet_logs(workdir: str, verbose: bool) -> None:
+    """Every log line goes to WORKDIR/train.log; the console gets this project's INFO lines and every library's
+    warnings (orbax writes ~35 INFO lines per checkpoint), unless --verbose."""
+    os.makedirs(workdir, exist_ok=True)
+    handler = pylogging.FileHandler(os.path.join(workdir, "train.log"))
+    handler.setFormatter(logging.PythonFormatter())
+    pylogging.getLogger().addHandler(handler)
+    if not verbose:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        logging.get_absl_handler().addFilter(
+            lambda r: r.levelno >= pylogging.WARNING or os.path.abspath(r.pathname).startswith(root + os.sep))
 
 
 def main(argv):
@@ -145,10 +302,13 @@ def main(argv):
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     try:
+        check_config(_CONFIG.value, _WORKDIR.value)
+        _quiet_logs(_WORKDIR.value, _VERBOSE.value)
         train(_CONFIG.value, _WORKDIR.value)
     except SetupError as e:
-        raise SystemExit(f"error: {e}") from e
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -274,6 +274,7 @@ def make_preview(models: Models, config):
     """fn(model, path): decomposes a fixed validation clip with the expert being trained (as both experts) and
     writes a contact sheet; one Decomposer is built here, so previews reuse its compiled pieces."""
     from data.pipeline import fit_to_latent
+    from omnijax.io.sheet import label_rows
     from omnijax.io.video import write_image
     from omnijax.omnimatte.decompose import Decomposer, SamplerSettings, decompose_video
     from omnijax.omnimatte.preview import contact_sheet
@@ -288,7 +289,10 @@ def make_preview(models: Models, config):
     def preview(model, path):
         decomposer.set_experts(model, model)
         layers = decompose_video(decomposer, video, masks, settings, height=video.shape[1])
-        write_image(path, contact_sheet(video, layers.alphas, layers.foregrounds, layers.background))
+        names = ["input", *[f"{what} {k}" for k in range(len(layers.alphas)) for what in ("alpha", "layer")],
+                 "background"]
+        write_image(path, label_rows(contact_sheet(video, layers.alphas, layers.foregrounds, layers.background),
+                                     names))
 
     return preview
 

@@ -8,11 +8,26 @@ import shutil
 import tempfile
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once (no thread writes files in between here).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(tmp: str, *, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private to the owner); give the result the mode a plain open/mkdir
+    would have under the user's umask, so outputs are as readable as any other file the user writes (files
+    inside a temporary folder were made by open/mkdir or a nested atomic_path, already umask'd)."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, *, directory: bool = False):
     """Yields a temporary sibling path to write; on success it is renamed to `path` (replacing it).
 
     The temporary lives in the same folder, so the rename is atomic on one filesystem; on error it is removed.
+    The result gets the user's umask mode (not mkstemp's 0600 / mkdtemp's 0700).
     With `directory`, the temporary is a created folder and an existing `path` folder is replaced.
     """
     path = os.path.abspath(path)
@@ -25,6 +40,7 @@ def atomic_path(path: str, *, directory: bool = False):
         os.close(fd)
     try:
         yield tmp
+        _apply_umask(tmp, directory=directory)
         if directory and os.path.isdir(path):
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
             os.replace(path, os.path.join(old, name))

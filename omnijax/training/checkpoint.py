@@ -201,6 +201,16 @@ class Checkpointer:
             raise TrainingCheckpointError(f"checkpoint {self.directory}/{step} item {item!r}: missing "
                                   f"{sorted(want - have)[:10]}, unexpected {sorted(have - want)[:10]}")
 
+    def delete_from(self, step: int) -> list[int]:
+        """Deletes the checkpoints of `step` and later (e.g. saved from a state later found wrecked), after any
+        pending save is committed; returns the deleted steps."""
+        self._manager.wait_until_finished()
+        gone = [s for s in self.all_steps() if s >= step]
+        for s in gone:
+            self._manager.delete(s)
+        self._manager.reload()
+        return gone
+
     # --- lifecycle
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""

@@ -6,9 +6,10 @@ sample, evaluate or checkpoint. The state is donated, so XLA updates it in place
 through untouched): after a call, only the returned state is valid.
 
 Only the variables selected by the optimizer's `wrt` filter (nnx.LoRAParam for adapters) get gradients; the
-rest of the model is read, never written. A step whose loss or gradient norm is not finite leaves the
-trainable parameters and the optimizer state (its step counter included) unchanged and says so in
-`metrics["finite"]`; the loop decides whether to stop.
+rest of the model is read, never written. A step whose loss or gradient norm is not finite, or whose update
+would leave a non-finite adapter or optimizer-state value, leaves the trainable parameters and the optimizer
+state (its step counter included) unchanged and says so in `metrics["finite"]`; the loop decides whether to
+stop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import optax
 from flax import nnx
 
 LossFn = Callable[..., Any]  # (model, batch, rng) -> loss scalar, or (loss, aux dict) with has_aux
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -67,6 +73,9 @@ class TrainStep:
         snapshot = lambda: jax.tree.map(lambda x: x, (nnx.state(model, wrt), nnx.state(opt)))
         before = snapshot()
         opt.update(model, grads)
+        # An update can overflow even from finite gradients (a huge lr): the new adapters and optimizer state
+        # must be finite too, or the step is not kept and a checkpoint never holds them.
+        finite = finite & _all_finite(snapshot())
         if self.skip_nonfinite:
             kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), snapshot(), before)
             nnx.update(model, kept[0])
@@ -102,17 +111,26 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite steps; raises NonFiniteLossError after `patience` of them."""
+    """Counts consecutive non-finite steps; raises NonFiniteLossError after `patience` of them.
+
+    `first_bad_step` is the first step of the current non-finite run: the state those steps started from (the
+    state after step first_bad_step - 1, unchanged since as the updates were skipped) gave non-finite results on
+    `patience` batches in a row, so it is wrecked even when its values are finite (e.g. exploded by a huge lr),
+    and no checkpoint from step first_bad_step - 1 on may be resumed from.
+    """
 
     def __init__(self, patience: int = 3):
         self.patience = patience
         self.count = 0
+        self.first_bad_step: int | None = None
 
     def __call__(self, step: int, metrics) -> bool:
         """Returns True if the step was finite; raises once `patience` non-finite steps come in a row."""
         if bool(metrics["finite"]):
-            self.count = 0
+            self.count, self.first_bad_step = 0, None
             return True
+        if self.count == 0:
+            self.first_bad_step = int(step)
         self.count += 1
         if self.count >= self.patience:
             raise NonFiniteLossError(f"step {step}: loss {float(metrics['loss'])}, grad norm "

@@ -217,5 +217,5 @@ def test_convert_cli_one_command_each(tmp_path, base_dir, states):
     assert header["casper_lora"] == str(l_path) and header["lora_weight"] == 1.0
     assert convert_cli.main(["--kind", "wan_vae", "--source", str(base_dir), "--casper", str(t_path),
                              "--out", str(tmp_path / "x")]) == 2
-    assert run("--casper-lora", str(t_path), "--out", str(tmp_path / "y")) == 1  # a transformer is not a LoRA
+    assert run("--casper-lora", str(t_path), "--out", str(tmp_path / "y")) == 2  # a transformer is not a LoRA
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -167,7 +167,7 @@ def test_convert_cli_writes_restorable_checkpoint(tmp_path, ref_state):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert convert_cli.main(["--source", str(tmp_path / "nope.safetensors"), "--kind", "wan_dit",
-                             "--out", str(tmp_path / "o")]) == 1
+                             "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
     with pytest.raises(FileNotFoundError, match="launch/convert.py"):
         load_pretrained(str(tmp_path))

@@ -90,7 +90,7 @@ def test_errors_are_one_line(run, tmp_path, capsys):
         (["--source", str(bare), "--format", "comfy", "--out", str(tmp_path / "o")], "mask"),
     ]
     for argv, message in cases:
-        assert export_lora.main(argv) == 1, argv
+        assert export_lora.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert export_lora.main(["--source", str(bare), "--mask", "B", "--format", "comfy",
@@ -122,6 +122,6 @@ def test_flux_file_converts_between_formats(run, tmp_path, capsys):
     capsys.readouterr()
     wan = tmp_path / "wan_omnijax.safetensors"
     lora_io.save_lora(str(wan), run[1][5])
-    assert export_lora.main(["--source", str(wan), "--format", "bfl", "--out", str(tmp_path / "w.safetensors")]) == 1
+    assert export_lora.main(["--source", str(wan), "--format", "bfl", "--out", str(tmp_path / "w.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no bfl format" in err and "\n" not in err, err

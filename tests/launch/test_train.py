@@ -54,7 +54,10 @@ def test_effect_expert_resume_is_exact(tmp_path):
         assert ta.keys() == tb.keys() and ta
         for k in ta:
             assert ta[k].tobytes() == tb[k].tobytes(), (fmt, k)
-    assert os.path.getsize(os.path.join(full, "previews", "step_0000006.png")) > 0
+    # The preview is labelled: a title strip with the step and loss on top (#14).
+    from PIL import Image
+    sheet = np.asarray(Image.open(os.path.join(full, "previews", "step_0000006.png")).convert("RGB"))
+    assert (sheet[:18].min(-1) < 100).sum() > 20 and (sheet[:18].min(-1) > 250).mean() > 0.5
 
 
 def test_sharded_run_equals_single_device_run(tmp_path):

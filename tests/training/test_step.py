@@ -146,3 +146,19 @@ def test_donated_state_is_consumed():
     old_leaf = jax.tree.leaves(state)[0]
     state, _ = step(state, make_batch(0), jax.random.key(0))
     assert old_leaf.is_deleted()
+
+
+def test_update_that_overflows_is_not_kept():
+    """Finite loss and gradient norm, but lr 1e39 (inf in f32) makes the new adapters non-finite: the step is
+    reported non-finite and the state is the one before it, so no checkpoint can hold the overflow (#14)."""
+    import optax
+
+    model, _ = build(None)
+    opt = nnx.Optimizer(model, optax.sgd(1e39), wrt=nnx.LoRAParam)
+    step, state = make_train_step(model, opt, regression_loss)
+    before = jax.tree.map(np.asarray, state)
+    state, m = step(state, make_batch(0), jax.random.key(0))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
+    assert not bool(m["finite"])
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, state)), jax.tree.leaves(before)):
+        assert a.tobytes() == b.tobytes()
