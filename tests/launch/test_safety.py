@@ -14,19 +14,13 @@ from configs import effect_expert
 from launch import convert
 from launch import train as train_cli
 from tasks import SetupError
+from tests.launch.runlocal import runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(**overrides):
-    c = effect_expert.get_config("runlocal")
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return runlocal_config(effect_expert, **overrides)
 
 
 def _one_error_line(stderr: str) -> str:

@@ -1,7 +1,6 @@
 """The trainer end to end on the runlocal configs (tiny models, procedural data, CPU): resume, sharded runs,
 and training from a latent cache."""
 
-import json
 import os
 
 import numpy as np
@@ -13,22 +12,7 @@ from launch import train as train_cli
 from omnijax.omnimatte.lora_io import read_lora_file
 from tasks import SetupError
 from tasks import omnimatte as task
-
-
-def _config(module, **overrides):
-    c = module.get_config("runlocal")
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
-
-
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+from tests.launch.runlocal import logged_losses, runlocal_config
 
 
 def _lora(workdir, name="effect", fmt="omnijax"):
@@ -39,11 +23,11 @@ def _lora(workdir, name="effect", fmt="omnijax"):
 def test_effect_expert_resume_is_exact(tmp_path):
     """Stop at step 3 and resume to 6 == an uninterrupted 6-step run (data order, rng, adapters, optimizer)."""
     full = str(tmp_path / "full")
-    train_cli.train(_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 6}), full)
+    train_cli.train(runlocal_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 6}), full)
     split = str(tmp_path / "split")
-    train_cli.train(_config(effect_expert, total_steps=3, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
-    train_cli.train(_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
-    a, b = _losses(full), _losses(split)
+    train_cli.train(runlocal_config(effect_expert, total_steps=3, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
+    train_cli.train(runlocal_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
+    a, b = logged_losses(full), logged_losses(split)
     steps = [1, 2, 3, 4, 5, 6]
     assert sorted(a) == sorted(b) == steps
     assert [b[s] for s in steps] == [a[s] for s in steps]  # bit-identical floats
@@ -68,11 +52,11 @@ def test_sharded_run_equals_single_device_run(tmp_path):
     runs = {}
     for name, mesh in (("one", dict(data=1, fsdp=1, context=1, tensor=1)),
                        ("eight", dict(data=2, fsdp=4, context=1, tensor=1))):
-        config = _config(effect_expert, total_steps=2, ckpt_steps=2, mesh=mesh, **small)
+        config = runlocal_config(effect_expert, total_steps=2, ckpt_steps=2, mesh=mesh, **small)
         workdir = str(tmp_path / name)
         state = train_cli.train(config, workdir)
         trained_base = {k: np.asarray(v) for k, v in _flat(state[0]["base"]).items()}
-        runs[name] = _losses(workdir), _lora(workdir), trained_base
+        runs[name] = logged_losses(workdir), _lora(workdir), trained_base
         if name == "eight":
             kernel = state[0]["base"]["blocks"][0]["ffn"]["linear_1"]["kernel"].get_value()
             assert kernel.sharding.spec[0] == "fsdp" and len(kernel.sharding.device_set) == 8
@@ -90,7 +74,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
     assert diff <= 1e-3 * update, f"8-device update differs from the 1-device one by {diff / update:.2e} (rel. L2)"
     # The adapters trained: every B started at zero.
     assert all(np.abs(v).max() > 0 for k, v in lora1.items() if k.endswith("lora_b"))
-    fresh, _, _ = task.build_models(_config(effect_expert, **small))
+    fresh, _, _ = task.build_models(runlocal_config(effect_expert, **small))
     want = {k: np.asarray(v) for k, v in _flat(nnx.state(fresh)).items()}
     assert base1.keys() == base8.keys() == want.keys()
     for k in want:
@@ -104,17 +88,17 @@ def _flat(state):
 
 def test_quality_expert_runlocal_smoke(tmp_path):
     out = str(tmp_path / "q")
-    train_cli.train(_config(quality_expert, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100}), out)
-    losses = _losses(out)
+    train_cli.train(runlocal_config(quality_expert, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100}), out)
+    losses = logged_losses(out)
     assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
     assert os.path.isfile(os.path.join(out, "lora_quality_omnijax.safetensors"))
     # A resume with other adapter settings stops at the restore with one line naming both.
     with pytest.raises(SetupError, match=r"trained with .*'rank': 4.* this config gives .*'rank': 8"):
-        train_cli.train(_config(quality_expert, total_steps=3, **{"lora.rank": 8}), out)
+        train_cli.train(runlocal_config(quality_expert, total_steps=3, **{"lora.rank": 8}), out)
 
 
 def test_expert_k_and_analysis_are_exclusive(tmp_path):
-    c = _config(effect_expert, **{"expert.k": 2, "expert.analysis": str(tmp_path / "a.json")})
+    c = runlocal_config(effect_expert, **{"expert.k": 2, "expert.analysis": str(tmp_path / "a.json")})
     with pytest.raises(SetupError, match="both set K: keep one"):
         task.expert_config(c, 6)
 

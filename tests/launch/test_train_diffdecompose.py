@@ -11,22 +11,13 @@ from launch import train as train_cli
 from omnijax.diffdecompose.lora_io import read_extra
 from omnijax.models.flux.lora_files import load_flux_lora
 from omnijax.models.flux.variants import variant
+from tests.launch.runlocal import logged_losses, runlocal_config
 
 
 def _config(**overrides):
-    c = diffdecompose.get_config("runlocal")
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return runlocal_config(diffdecompose, **overrides)
 
 
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 def test_runlocal_trains_resumes_previews_and_exports(tmp_path):
@@ -34,7 +25,7 @@ def test_runlocal_trains_resumes_previews_and_exports(tmp_path):
     cache = str(tmp_path / "cond")
     train_cli.train(_config(total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100,
                                                             "input.conditioning_cache": cache}), wd)
-    assert sorted(_losses(wd)) == [1, 2]
+    assert sorted(logged_losses(wd)) == [1, 2]
     # The prompt table is cached with the encoder identities: a second build reads it without the encoders.
     assert os.path.exists(os.path.join(cache, "flux_encoder_ids.json"))
     from tasks import diffdecompose as task
@@ -43,7 +34,7 @@ def test_runlocal_trains_resumes_previews_and_exports(tmp_path):
     assert txt.shape == (6, 16, 32) and y.shape == (6, 32)
     train_cli.train(_config(total_steps=4, ckpt_steps=2, **{"evals.preview_steps": 4,
                                                             "input.conditioning_cache": cache}), wd)
-    losses = _losses(wd)
+    losses = logged_losses(wd)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
     assert len(set(losses.values())) == 4
     assert os.path.getsize(os.path.join(wd, "previews", "step_0000004.png")) > 0
