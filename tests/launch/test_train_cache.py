@@ -17,13 +17,13 @@ from omnijax.omnimatte.masks import latent_mask, removal_mask
 from omnijax.omnimatte.training import PIXEL_KEYS
 from tasks import SetupError
 from tasks import omnimatte as task
-from tests.launch.test_train import _config, _losses
+from tests.launch.runlocal import logged_losses, runlocal_config
 from tests.torch_refs import rel_err
 
 
 def test_train_from_latent_cache_never_runs_the_encoder(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
-    config = _config(effect_expert, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100,
+    config = runlocal_config(effect_expert, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100,
                                                                     "input.latent_cache": cache})
     _, vae, _ = task.build_models(config)
     calls = []
@@ -45,7 +45,7 @@ def test_train_from_latent_cache_never_runs_the_encoder(tmp_path, monkeypatch):
     monkeypatch.setattr(vae_lib.Encoder, "__call__", refuse)
     out = str(tmp_path / "run")
     train_cli.train(config, out)
-    losses = _losses(out)
+    losses = logged_losses(out)
     assert sorted(losses) == [1, 2] and np.isfinite(list(losses.values())).all()
     assert os.path.isfile(os.path.join(out, "lora_effect_omnijax.safetensors"))
 
@@ -55,16 +55,16 @@ def test_train_from_latent_cache_never_runs_the_encoder(tmp_path, monkeypatch):
     cache_latents(task.pixel_source(config, seed=1), posterior_encoder(vae, mean_only=True), mean_only,
                   indices=[0])
     with pytest.raises(SetupError, match="vae_sample=False"):
-        task.make_input(_config(effect_expert, **{"input.latent_cache": mean_only}), seed=0)
+        task.make_input(runlocal_config(effect_expert, **{"input.latent_cache": mean_only}), seed=0)
     with pytest.raises(SetupError, match="input.frames/height/width"):
-        task.make_input(_config(effect_expert, **{"input.latent_cache": cache, "input.frames": 5}), seed=0)
+        task.make_input(runlocal_config(effect_expert, **{"input.latent_cache": cache, "input.frames": 5}), seed=0)
     with pytest.raises(SetupError, match="cache_latents.py"):
-        task.make_input(_config(effect_expert, **{"input.latent_cache": str(tmp_path / "none")}), seed=0)
+        task.make_input(runlocal_config(effect_expert, **{"input.latent_cache": str(tmp_path / "none")}), seed=0)
 
 
 def test_cache_batch_equals_pixel_batch(tmp_path):
     """The same clips through both input paths give the same x0 latents, condition y and CLIP frame."""
-    config = _config(effect_expert)
+    config = runlocal_config(effect_expert)
     _, vae, _ = task.build_models(config)
     source = task.pixel_source(config, seed=3)
     idx = [0, 1]
