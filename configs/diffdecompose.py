@@ -62,8 +62,11 @@ def get_config(arg=None):
     # The paper's template; descriptions: subtask -> (foreground, background, blending type).
     c.prompt = dict(template=PROMPT_TEMPLATE, descriptions={s: list(DESCRIPTIONS[s]) for s in SUBTASKS})
     c.text = dict(max_length=512)  # T5 tokens (dev's 512)
-    # remat: recompute each Flux block in the backward pass (True, False or a jax.checkpoint_policies name).
-    c.model = dict(dtype="bf16", remat=True, attention="auto")
+    # remat: recompute each Flux block in the backward pass (True, False or a jax.checkpoint_policies name). Off by
+    # default: at 3 x 512^2 + 512 text, LoRA rank 128, the dev-size step without recompute took 279.5 ms and 53.3 GB
+    # against 387.7 ms and 28.1 GB with it (H200, docs/benchmarks.md "Flux.1 MMDiT"), so it fits an 80 GB card;
+    # set True for larger images or smaller cards.
+    c.model = dict(dtype="bf16", remat=False, attention="auto")
     # Weights (converters.registry.load): "tiny", a converted folder (launch/convert.py --kind flux_dit ...) or the
     # original files (flux1-dev.safetensors, ae.safetensors, T5 / CLIP folders); tokenizers: folders or "tiny".
     # lora: a Flux LoRA file to start from (omnijax.models.flux.lora_files), "" = fresh adapters.
