@@ -25,21 +25,7 @@ from tqdm.auto import tqdm
 from converters import registry
 from launch import common  # noqa: F401,I001  (sets XLA flags before jax initialises a backend)
 from omnijax.io.atomic import atomic_write
-
-
-def read_first_frame(path: str) -> np.ndarray:
-    """The first frame of a video or an image file as float32 [H, W, 3] in [-1, 1] (decoded with PyAV)."""
-    import av
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such image or video: {path}")
-    try:
-        with av.open(path) as container:
-            frame = next(container.decode(video=0))
-    except (av.FFmpegError, StopIteration) as e:
-        raise ValueError(f"{path}: no decodable video frame ({e})") from e
-    rgb = frame.to_ndarray(format="rgb24")
-    return rgb.astype(np.float32) / 127.5 - 1.0
+from omnijax.io.video import read_video
 
 
 def main(argv=None) -> int:
@@ -91,7 +77,8 @@ def main(argv=None) -> int:
                 p.error("images/videos need --clip (or --model tiny)")
             cond.image_encoder = registry.load("wan_clip", source(args.clip), dtype=args.dtype, progress=True)[1]
             for path in tqdm(frames, desc="first frames", unit="frame"):
-                cond.image(read_first_frame(path)[None])
+                frame = read_video(path, max_frames=1)[0][:1]  # uint8 [1, H, W, 3]; images too
+                cond.image(frame.astype(np.float32) / 127.5 - 1.0)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -163,9 +163,9 @@ def test_encode_cli_tiny(tmp_path):
     tok = load_tokenizer(os.path.join(cache, "tiny_tokenizer"))
     for got, want in zip(reader.text(["a dog", ""]), encode_prompts(text, tok, ["a dog", ""], 64)):
         np.testing.assert_array_equal(got, want)
-    from launch.encode import read_first_frame
+    from omnijax.io.video import read_video
 
-    frame = read_first_frame(video)
+    frame = read_video(video, max_frames=1)[0][0].astype(np.float32) / 127.5 - 1.0
     assert frame.shape == (48, 64, 3) and frame.min() >= -1 and frame.max() <= 1
     image = CLIPVisionTower(clip_variant("tiny"), rngs=nnx.Rngs(0), **F32)
     np.testing.assert_array_equal(reader.image(frame[None]), encode_frames(image, frame[None]))
