@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     cache = os.path.join(work, "conditioning")
     dtype = "f32" if a.tiny else "bf16"
     seed_text_cache(cache, flags, text_dim, dtype)
-    env = {**os.environ, "XDG_CACHE_HOME": os.path.join(work, "xdg"), "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep packages installed beside us
+    env = {**os.environ, "XDG_CACHE_HOME": os.path.join(work, "xdg"), "PYTHONPATH": path}
     common = ["--model", "wan", "--steps", str(a.steps), "--cache", cache, "--dtype", dtype,
               *[x for k, v in flags.items() for x in (f"--{k}", v)]] + (["--height", str(h)] if a.tiny else [])
 
