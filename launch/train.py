@@ -6,10 +6,10 @@
 
 One readable loop (big_vision's train.py as the model): logging -> mesh -> input -> models (born sharded) ->
 optimizer / restore -> compiled step -> loop (step; log; non-finite guard; checkpoint; preview) -> export.
-The workdir holds checkpoints/ (LoRA params, optimizer state, step, data-iterator state, rng, the task's
-signature and the chrono state: a rerun resumes exactly), metrics.jsonl + TensorBoard events, previews/*.png
-and what the task exports, and train.log (every log line; the console shows this project's lines and library
-warnings, all of them with --verbose).
+The workdir holds checkpoints/ (the trained params, i.e. the task's Models.wrt: the LoRA adapters or every weight;
+optimizer state, step, data-iterator state, rng, the task's signature and the chrono state: a rerun resumes
+exactly), metrics.jsonl + TensorBoard events, previews/*.png and what the task exports, and train.log (every
+log line; the console shows this project's lines and library warnings, all of them with --verbose).
 
 Before any model is built the config's numbers, model files and the workdir are checked (one line, exit code 2;
 an unknown --config.key lists the close matches). A resume must have the checkpoint's signature (expert kind,
@@ -109,8 +109,9 @@ def _flat_config(config) -> dict:
 
 def _signature(models, model) -> dict:
     # The base the adapters sit on, by size: a resume onto another base (1.3B vs 14B) must stop, whatever the task.
-    n_base = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam))))
+    n_base = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Not(models.wrt))))
     return dict(models.signature, base_params=int(n_base))
+
 
 def train(config, workdir: str):
     """Runs (or resumes) the training job of `config` in `workdir`; returns the final train-step state."""
@@ -140,13 +141,13 @@ def train(config, workdir: str):
         model = models.trainable
         signature = _signature(models, model)
         tx, schedule = make_optimizer(config)
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
-        n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-        logging.info("task %s: built in %.1fs, %d LoRA params; %s", config.get("task", "omnimatte"),
-                     time.perf_counter() - t0, n_lora, signature)
+        optimizer = nnx.Optimizer(model, tx, wrt=models.wrt)
+        n_trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, models.wrt)))
+        logging.info("task %s: built in %.1fs, %d trained params; %s", config.get("task", "omnimatte"),
+                     time.perf_counter() - t0, n_trained, signature)
 
         # ------------------------------------------------------------ restore
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpt)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpt, wrt=models.wrt)
         rng = jax.random.key(config.seed)
         first_step, chrono_state = 0, None
         meta = ckpt.metadata()

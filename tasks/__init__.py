@@ -9,8 +9,9 @@ A task module provides (batches are dicts of arrays; `config` is the job's ml_co
 
   build(config, mesh) -> Models
       The models, parameters created already sharded on `mesh` (converters.registry.load). `Models.trainable`
-      is the nnx.Module the optimizer trains: only its nnx.LoRAParam variables get gradients, optimizer state
-      and checkpoints. `Models.frozen` holds whatever else the task needs (encoders, conditioners).
+      is the nnx.Module the optimizer trains: only its variables of the filter `Models.wrt` (nnx.LoRAParam, the
+      adapters, unless the task says otherwise; nnx.Param trains every weight) get gradients, optimizer state and
+      checkpoints. `Models.frozen` holds whatever else the task needs (encoders, conditioners).
       `Models.signature` is a small JSON-able dict of the settings that shape the adapters; it is stored with
       every checkpoint and a resume whose signature differs stops with a one-line error.
   input_pipeline(config, *, seed) -> iterable of host batches with get_state() / set_state() on its iterator
@@ -19,7 +20,7 @@ A task module provides (batches are dicts of arrays; `config` is the job's ml_co
       Host batch -> the step's batch, placed batch-split over the mesh's ("data", "fsdp") axes; frozen
       encoders run here, outside the differentiated step. `key` is the step's data key.
   loss(model, batch, rng, *, config) -> scalar f32
-      The objective of one step, differentiated with respect to the model's nnx.LoRAParam.
+      The objective of one step, differentiated with respect to the model's `Models.wrt` variables.
   make_preview(models, config) -> fn(model, path)
       Built once; each call writes one preview image of the model being trained to `path` (compiled pieces
       are reused between calls).
@@ -51,6 +52,7 @@ class Models:
     trainable: nnx.Module
     frozen: dict[str, Any]
     signature: dict
+    wrt: Any = nnx.LoRAParam  # the nnx filter of the variables trained (and checkpointed)
 
 
 def get_task(name: str) -> ModuleType:
