@@ -171,10 +171,14 @@ class Decomposer:
         jax.block_until_ready(out)
         lap("sampler")
 
-        background = (self._decode(out["background"][:1])[0] + 1.0) * 0.5
+        # One latent video per decode call: the background and every alpha share one compiled decoder, and the
+        # decoder's working memory is that of one video (81x480x832 with two objects in one call ran out of memory
+        # on a 141 GB H200, docs/benchmarks.md).
+        background = np.asarray((self._decode(out["background"][:1])[0] + 1.0) * 0.5, np.float32)
         alpha_latents = out["alpha"][1:] if p > 1 else out["alpha"]
-        alphas = video_to_alpha(self._decode(alpha_latents))
-        result = np.asarray(background, np.float32), np.asarray(alphas, np.float32)
+        alphas = np.stack([np.asarray(video_to_alpha(self._decode(alpha_latents[i:i + 1]))[0], np.float32)
+                           for i in range(alpha_latents.shape[0])])
+        result = background, alphas
         lap("vae_decode")
         assert result[1].shape[0] == k
         return result
