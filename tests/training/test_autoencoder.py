@@ -20,15 +20,18 @@ def test_gaussian_kl_matches_torch():
     np.testing.assert_allclose(gaussian_kl(jnp.asarray(mean), jnp.asarray(logvar)), want, rtol=1e-5, atol=1e-6)
 
 
-def test_flux_posterior_is_the_scaled_draw():
-    """A draw mean + exp(logvar/2) eps from latent_posterior equals FluxVAE.encode with the same key."""
-    vae = FluxVAE(flux_vae_variant("tiny"), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), minval=-1, maxval=1)
-    mean, logvar = latent_posterior(vae, x)
-    key = jax.random.key(2)
-    eps = jax.random.normal(key, mean.shape)
-    np.testing.assert_allclose(mean + jnp.exp(0.5 * logvar) * eps, vae.encode(x, sample_key=key), rtol=1e-4,
-                               atol=1e-5)
+def test_posterior_draw_is_what_encode_draws():
+    """mean + exp(logvar/2) eps from latent_posterior equals each VAE's own encode(sample_key) with the same key: the
+    objective's latent is the one the DiT is trained on."""
+    f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    for vae, shape in ((FluxVAE(flux_vae_variant("tiny"), **f32), (1, 16, 16, 3)),
+                       (WanVAE(vae_variant("tiny"), **f32), (1, 5, 16, 16, 3))):
+        x = jax.random.uniform(jax.random.key(1), shape, minval=-1, maxval=1)
+        mean, logvar = latent_posterior(vae, x)
+        key = jax.random.key(2)
+        eps = jax.random.normal(key, mean.shape)
+        np.testing.assert_allclose(mean + jnp.exp(0.5 * logvar) * eps, vae.encode(x, sample_key=key), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def _blocks(shape, seed):
@@ -42,12 +45,9 @@ def _blocks(shape, seed):
         yield x
 
 
-def test_fit_lowers_reconstruction_error_wan_and_flux():
-    for vae, shape in (
-            (WanVAE(vae_variant("tiny"), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)),
-             (2, 5, 16, 16, 3)),
-            (FluxVAE(flux_vae_variant("tiny"), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)),
-             (4, 16, 16, 3))):
-        history = fit_autoencoder(vae, _blocks(shape, 0), steps=60, lr=3e-3, log_every=60, log=lambda s: None)
-        assert history[0]["step"] == 1 and history[-1]["step"] == 60
-        assert history[-1]["l1"] < 0.6 * history[0]["l1"], (type(vae).__name__, history)
+def test_fit_lowers_reconstruction_error():
+    """The Flux VAE here; the Wan VAE's fit runs in the learning script's test (tests/benchmarks)."""
+    vae = FluxVAE(flux_vae_variant("tiny"), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    history = fit_autoencoder(vae, _blocks((2, 16, 16, 3), 0), steps=40, lr=3e-3, log_every=40, log=lambda s: None)
+    assert history[0]["step"] == 1 and history[-1]["step"] == 40
+    assert history[-1]["l1"] < 0.6 * history[0]["l1"], history
