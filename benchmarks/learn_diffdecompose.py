@@ -35,6 +35,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULT = "learn_diffdecompose.json"
 HELD_OUT_SEED = 1_000_003  # the data seed of the evaluation; training draws from config.seed
 LAYERS = ("background", "foreground")
+# The comparisons of the predicted background (bg_*): the truth itself is the target; "baseline" = the composite
+# (the trivial answer); "copy" = the composite through the VAE (what copying the composite's latent into the
+# background segment gives: the trivial answer in the model's own latent space); "ceiling" = the true background
+# through the VAE (no latent model decodes closer). At the paper's watermark opacity (<= 0.25) the composite is
+# already within ~1/256 RMS of the background, so a latent model beats "baseline" only with a VAE better than that;
+# beating "copy" (and the masked RMSE, inside the mark) shows that the mark was removed.
+COMPARE = (("trained model", "bg"), ("baseline: the composite", "baseline_bg"),
+           ("copy: the composite through the VAE", "copy_bg"), ("ceiling: true background through the VAE",
+                                                                "ceiling_bg"))
 
 
 class Log:
@@ -156,7 +165,7 @@ def stage_eval(config, workdir: str, args, log) -> tuple[dict, list]:
             out = dec(comp, f["txt"][sub], f["y"][sub], seed=config.seed + start)
             t_sample += sum(out["timings"].values())
             ceil = {k: np.clip(np.asarray(round_trip(vae, jnp.asarray(np.stack([s[k] for s in samples])))), 0, 1)
-                    for k in LAYERS}
+                    for k in LAYERS + ("composite",)}
             for j, s in enumerate(samples):
                 bg, fg = out["background"][j], out["foreground"][j]
                 rows.append(dict(
@@ -165,6 +174,9 @@ def stage_eval(config, workdir: str, args, log) -> tuple[dict, list]:
                     baseline_bg_rmse=rmse(s["composite"], s["background"]),
                     baseline_bg_psnr=psnr(s["composite"], s["background"]),
                     baseline_bg_masked_rmse=masked_rmse(s["composite"], s["background"], s["mask"]),
+                    copy_bg_rmse=rmse(ceil["composite"][j], s["background"]),
+                    copy_bg_psnr=psnr(ceil["composite"][j], s["background"]),
+                    copy_bg_masked_rmse=masked_rmse(ceil["composite"][j], s["background"], s["mask"]),
                     ceiling_bg_rmse=rmse(ceil["background"][j], s["background"]),
                     ceiling_bg_psnr=psnr(ceil["background"][j], s["background"]),
                     ceiling_bg_masked_rmse=masked_rmse(ceil["background"][j], s["background"], s["mask"]),
@@ -176,8 +188,8 @@ def stage_eval(config, workdir: str, args, log) -> tuple[dict, list]:
                                   ("fg pred", fg), ("fg truth", s["foreground"])])
     # masked RMSE is NaN on a sample whose mark is empty: averaged over the samples where it is defined
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
-    beats = sum(r["bg_rmse"] < r["baseline_bg_rmse"] for r in rows)
-    return dict(mean=mean, n=len(rows), beats_baseline=int(beats), step=restored.step,
+    beats = {k: int(sum(r["bg_rmse"] < r[f"{k}_bg_rmse"] for r in rows)) for k in ("baseline", "copy")}
+    return dict(mean=mean, n=len(rows), beats=beats, step=restored.step,
                 sample_s=round(t_sample, 1)), sheet
 
 
@@ -188,13 +200,13 @@ def table(result: dict) -> str:
     m, e = result["eval"]["mean"], result["eval"]
     lines = [f"| background vs truth ({e['n']} held-out, mean) | RMSE x256 | masked RMSE x256 | PSNR dB |",
              "|---|---|---|---|"]
-    for name, key in (("trained model", "bg"), ("baseline: the composite", "baseline_bg"),
-                      ("ceiling: true background through the VAE", "ceiling_bg")):
+    for name, key in COMPARE:
         lines.append(f"| {name} | {m[key + '_rmse']:.2f} | {m[key + '_masked_rmse']:.2f} | {m[key + '_psnr']:.2f} |")
     lines.append(f"| foreground layer: model / VAE ceiling | {m['fg_rmse']:.2f} / {m['ceiling_fg_rmse']:.2f} | | "
                  f"{m['fg_psnr']:.2f} / {m['ceiling_fg_psnr']:.2f} |")
     t, s = result["train"], result["settings"]
-    lines += ["", f"Model beats the baseline's background RMSE on {e['beats_baseline']}/{e['n']} samples. "
+    lines += ["", f"The model's background RMSE beats the baseline on {e['beats']['baseline']}/{e['n']} samples, "
+              f"the copy on {e['beats']['copy']}/{e['n']}. "
               f"Loss (flow matching, mean of the first / last {t['window']} logged steps): {t['loss_first']:.4f} -> "
               f"{t['loss_last']:.4f}. {s['dit']} DiT ({s['dit_params'] / 1e6:.1f} M params) from scratch, "
               f"{s['steps']} steps of batch {s['batch']} at {s['size']}, {s['sampler_steps']} sampler steps; "

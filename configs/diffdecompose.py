@@ -19,8 +19,8 @@ Colon-args (`configs/diffdecompose.py:subtasks=watermark+xray,res=1024x512,runlo
   logo      a LOGO variant folder (e.g. /data/logo/10khigh): train on LOGO instead of synthesis, 256x256
   runlocal  (flag) tiny random Flux / VAE / T5 / CLIP, f32, 64x64 procedural data, batch 1, 4 steps (CPU)
   learn     (flag) the small-scale learning check (benchmarks/learn_diffdecompose.py): the "small" Flux DiT
-            trained from scratch (train_base), f32, 128x128 watermarks, tiny T5 / CLIP stand-ins (random, so the
-            one prompt embedding is a constant input), batch 16; set model_init.vae to a trained VAE
+            trained from scratch (train_base), bf16 on f32 weights, 128x128 watermarks, tiny T5 / CLIP stand-ins
+            (random, so the one prompt embedding is a constant input), batch 16; set model_init.vae to a trained VAE
             (omnijax.training.autoencoder). With runlocal too: the tiny DiT, 32x32, a few steps (CPU tests).
 
 train_base: train every DiT weight (and the adapters) instead of the adapters alone (Models.wrt = nnx.Param);
@@ -75,7 +75,8 @@ def get_config(arg=None):
     # default: at 3 x 512^2 + 512 text, LoRA rank 128, the dev-size step without recompute took 279.5 ms and 53.3 GB
     # against 387.7 ms and 28.1 GB with it (H200, docs/benchmarks.md "Flux.1 MMDiT"), so it fits an 80 GB card;
     # set True for larger images or smaller cards.
-    c.model = dict(dtype="bf16", remat=False, attention="auto", dit_variant="")
+    # param_dtype: the DiT's stored weights ("" = dtype); vae_dtype: the VAE's compute and weights ("" = dtype).
+    c.model = dict(dtype="bf16", remat=False, attention="auto", dit_variant="", param_dtype="", vae_dtype="")
     c.train_base = False  # True: every weight trains (a DiT from scratch), not only the LoRA adapters
     # Weights (converters.registry.load): "tiny", a converted folder (launch/convert.py --kind flux_dit ...) or the
     # original files (flux1-dev.safetensors, ae.safetensors, T5 / CLIP folders); tokenizers: folders or "tiny".
@@ -126,9 +127,12 @@ def learn_preset(c, *, tiny: bool) -> None:
     """The small-scale learning check (see the module docstring): a DiT trained from scratch on watermarks."""
     c.input.update(subtasks=("watermark",), height=32 if tiny else 128, width=32 if tiny else 128,
                    batch_size=2 if tiny else 16, num_threads=0 if tiny else 8)
+    # 128x128 through the tiny VAE (x2): 64x64 latents, 1024 tokens per layer, 3 x 1024 + 16 text tokens.
     c.text.max_length = 16  # the tiny T5 stand-in: the prompt embedding is a constant input
-    # f32 weights: Adam updates of a from-scratch model are below bf16's resolution late in training.
-    c.model.update(dtype="f32", remat=False, attention="xla" if tiny else "auto", dit_variant="" if tiny else "small")
+    # bf16 compute on f32 weights (Adam updates of a from-scratch model fall below bf16's resolution); the VAE in
+    # f32, so that its round trip (the ceiling of every decoded layer) is not limited by bf16.
+    c.model.update(dtype="f32" if tiny else "bf16", param_dtype="f32", vae_dtype="f32", remat=False,
+                   attention="xla" if tiny else "auto", dit_variant="" if tiny else "small")
     c.model_init = dict(dit="tiny", vae="tiny", t5="tiny", clip="tiny", t5_tokenizer="tiny", clip_tokenizer="tiny",
                         lora="")
     c.train_base = True
@@ -139,7 +143,7 @@ def learn_preset(c, *, tiny: bool) -> None:
     c.sampler.update(steps=28, guidance=1.0)
     c.schedule = dict(warmup_steps=1 if tiny else 100, decay_type="cosine", end_factor=0.1)
     c.lr = 3e-4
-    c.total_steps = 4 if tiny else 4000
+    c.total_steps = 4 if tiny else 2500
     c.log_steps = 1 if tiny else 25
     c.ckpt_steps = c.total_steps  # one checkpoint, at the end (the evaluation restores it)
     c.evals.update(preview_steps=c.total_steps, preview_sampler_steps=2 if tiny else 28, export_formats=("omnijax",))

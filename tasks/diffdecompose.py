@@ -1,9 +1,9 @@
 """The DiffDecompose task: a LoRA on Flux.1 for In-Context Decomposition of alpha composites (tasks/__init__.py).
 
 Config keys read here (configs/diffdecompose.py): input.*, prompt.*, text.max_length, model.{dtype, remat,
-attention, dit_variant}, train_base, model_init.{dit, vae, t5, clip, t5_tokenizer, clip_tokenizer, lora}, lora.*,
-icd.*, loss.{t_sampling, guidance, weights}, sampler.{guidance, mu_tokens}, evals.{preview_sampler_steps,
-export_formats}, sharding_rules, seed.
+attention, dit_variant, param_dtype, vae_dtype}, train_base, model_init.{dit, vae, t5, clip, t5_tokenizer,
+clip_tokenizer, lora}, lora.*, icd.*, loss.{t_sampling, guidance, weights}, sampler.{guidance, mu_tokens},
+evals.{preview_sampler_steps, export_formats}, sharding_rules, seed.
 
 One step: AlphaBlend host batch {composite, foreground, background [B, H, W, 3] in [0, 1], subtask [B]} ->
 `make_batch` (frozen, jitted: the Flux VAE encodes the three images; the subtask's prompt embedding is a row of
@@ -98,13 +98,15 @@ def prompt_table(config, encoders=None) -> tuple[np.ndarray, np.ndarray]:
     return txt, y
 
 
-def _load(config, name: str, kind: str, offset: int, **kw):
+def _load(config, name: str, kind: str, offset: int, *, dtype=None, **kw):
+    """registry.load of model_init.<name> in config.model.dtype (or `dtype`)."""
     source = config.model_init[name]
     if not source:
         raise SetupError(f"config.model_init.{name} is not set: 'tiny', a converted folder (launch/convert.py "
                          f"--kind {kind}) or the original weights")
     try:
-        return registry.load(kind, source, dtype=config.model.dtype, seed=config.seed + offset, progress=True, **kw)[1]
+        return registry.load(kind, source, dtype=dtype or config.model.dtype, seed=config.seed + offset, progress=True,
+                             **kw)[1]
     except registry.ModelSourceError as e:
         raise SetupError(f"config.model_init.{name}: {e}") from None
 
@@ -132,8 +134,9 @@ def _dit(config, mesh, vae, txt, y):
     """The DiT: model_init.dit, or with model.dit_variant a random DiT of that Flux size row (model_init.dit
     "tiny") whose latent and text widths fit the VAE and the prompt table."""
     name = config.model.get("dit_variant", "")
+    kw = dict(mesh=mesh, rules=config.sharding_rules, param_dtype=config.model.get("param_dtype") or None)
     if not name:
-        return _load(config, "dit", "flux_dit", 0, mesh=mesh, rules=config.sharding_rules)
+        return _load(config, "dit", "flux_dit", 0, **kw)
     from omnijax.models.flux.variants import variant
 
     if config.model_init.dit != "tiny":
@@ -144,7 +147,7 @@ def _dit(config, mesh, vae, txt, y):
                       context_in_dim=int(txt.shape[-1]), vec_in_dim=int(y.shape[-1]))
     except ValueError as e:
         raise SetupError(f"config.model.dit_variant: {e}") from None
-    return _load(config, "dit", "flux_dit", 0, mesh=mesh, rules=config.sharding_rules, config=cfg)
+    return _load(config, "dit", "flux_dit", 0, config=cfg, **kw)
 
 
 def build(config, mesh) -> Models:
@@ -155,7 +158,7 @@ def build(config, mesh) -> Models:
     from omnijax import sharding
     from omnijax.diffdecompose.model import DiffDecomposer
 
-    vae = _load(config, "vae", "flux_vae", 1, mesh=mesh, rules="replicated")
+    vae = _load(config, "vae", "flux_vae", 1, mesh=mesh, rules="replicated", dtype=config.model.get("vae_dtype"))
 
     def encoders():
         cache = config.input.conditioning_cache
