@@ -132,7 +132,29 @@ def stage_train(config, workdir: str, log) -> dict:
 
 
 def stage_eval(config, workdir: str, args, log) -> tuple[dict, list]:
-    """Per-sample metrics of the trained model on held-out samples; also returns the sheet's rows."""
+    """Mean metrics of the trained model on held-out samples and the sheet's rows; kept in WORKDIR/eval.json and
+    eval_sheet.npz (reused when the checkpoint and the evaluation settings are the same)."""
+    from omnijax.io.atomic import atomic_path, atomic_write
+
+    key = dict(steps=int(config.total_steps), num_eval=args.num_eval, sampler_steps=int(config.sampler.steps),
+               guidance=float(config.sampler.guidance), sheet_rows=args.sheet_rows)
+    json_path, sheet_path = os.path.join(workdir, "eval.json"), os.path.join(workdir, "eval_sheet.npz")
+    if os.path.isfile(json_path) and os.path.isfile(sheet_path):
+        with open(json_path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            log(f"eval: {json_path} holds these settings, skipped")
+            with np.load(sheet_path) as z:
+                sheet = [list(zip(cached["labels"], z[f"row{i}"], strict=True)) for i in range(len(z.files))]
+            return cached["eval"], sheet
+    ev, sheet = _evaluate(config, workdir, args, log)
+    with atomic_path(sheet_path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{f"row{i}": np.stack([t for _, t in row]) for i, row in enumerate(sheet)})
+    atomic_write(json_path, json.dumps(dict(key=key, eval=ev, labels=[lab for lab, _ in sheet[0]]), indent=1))
+    return ev, sheet
+
+
+def _evaluate(config, workdir: str, args, log) -> tuple[dict, list]:
     import jax
     import jax.numpy as jnp
 

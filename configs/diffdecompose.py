@@ -21,7 +21,7 @@ Colon-args (`configs/diffdecompose.py:subtasks=watermark+xray,res=1024x512,runlo
   learn     (flag) the small-scale learning check (benchmarks/learn_diffdecompose.py): the "small" Flux DiT
             trained from scratch (train_base), bf16 on f32 weights, 128x128 watermarks, tiny T5 / CLIP stand-ins
             (random, so the one prompt embedding is a constant input), batch 16; set model_init.vae to a trained VAE
-            (omnijax.training.autoencoder). With runlocal too: the tiny DiT, 32x32, a few steps (CPU tests).
+            (omnijax.training.autoencoder). With runlocal too: the tiny DiT, 32x32, a few steps (CPU tests; the tiny DiT through the same dit_variant path).
 
 train_base: train every DiT weight (and the adapters) instead of the adapters alone (Models.wrt = nnx.Param);
 the trained DiT is then exported too (WORKDIR/dit, a converted folder for model_init.dit / --dit).
@@ -132,7 +132,7 @@ def learn_preset(c, *, tiny: bool) -> None:
     # bf16 compute on f32 weights (Adam updates of a from-scratch model fall below bf16's resolution); the VAE in
     # f32, so that its round trip (the ceiling of every decoded layer) is not limited by bf16.
     c.model.update(dtype="f32" if tiny else "bf16", param_dtype="f32", vae_dtype="f32", remat=False,
-                   attention="xla" if tiny else "auto", dit_variant="" if tiny else "small")
+                   attention="xla" if tiny else "auto", dit_variant="tiny" if tiny else "small")
     c.model_init = dict(dit="tiny", vae="tiny", t5="tiny", clip="tiny", t5_tokenizer="tiny", clip_tokenizer="tiny",
                         lora="")
     c.train_base = True

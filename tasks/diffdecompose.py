@@ -98,15 +98,16 @@ def prompt_table(config, encoders=None) -> tuple[np.ndarray, np.ndarray]:
     return txt, y
 
 
-def _load(config, name: str, kind: str, offset: int, *, dtype=None, **kw):
-    """registry.load of model_init.<name> in config.model.dtype (or `dtype`)."""
+def _load(config, name: str, kind: str, offset: int, *, dtype=None, model_config=None, **kw):
+    """registry.load of model_init.<name> in config.model.dtype (or `dtype`); model_config: a "tiny" source's
+    config instead of the registry row's."""
     source = config.model_init[name]
     if not source:
         raise SetupError(f"config.model_init.{name} is not set: 'tiny', a converted folder (launch/convert.py "
                          f"--kind {kind}) or the original weights")
     try:
         return registry.load(kind, source, dtype=dtype or config.model.dtype, seed=config.seed + offset, progress=True,
-                             **kw)[1]
+                             config=model_config, **kw)[1]
     except registry.ModelSourceError as e:
         raise SetupError(f"config.model_init.{name}: {e}") from None
 
@@ -147,7 +148,7 @@ def _dit(config, mesh, vae, txt, y):
                       context_in_dim=int(txt.shape[-1]), vec_in_dim=int(y.shape[-1]))
     except ValueError as e:
         raise SetupError(f"config.model.dit_variant: {e}") from None
-    return _load(config, "dit", "flux_dit", 0, config=cfg, **kw)
+    return _load(config, "dit", "flux_dit", 0, model_config=cfg, **kw)
 
 
 def build(config, mesh) -> Models:
