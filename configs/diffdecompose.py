@@ -21,7 +21,8 @@ Colon-args (`configs/diffdecompose.py:subtasks=watermark+xray,res=1024x512,runlo
   learn     (flag) the small-scale learning check (benchmarks/learn_diffdecompose.py): the "small" Flux DiT
             trained from scratch (train_base), bf16 on f32 weights, 128x128 watermarks, tiny T5 / CLIP stand-ins
             (random, so the one prompt embedding is a constant input), batch 16; set model_init.vae to a trained VAE
-            (omnijax.training.autoencoder). With runlocal too: the tiny DiT, 32x32, a few steps (CPU tests; the tiny DiT through the same dit_variant path).
+            (omnijax.training.autoencoder). With runlocal too: the tiny DiT (built through the same dit_variant
+            path), 32x32, a few steps (CPU tests).
 
 train_base: train every DiT weight (and the adapters) instead of the adapters alone (Models.wrt = nnx.Param);
 the trained DiT is then exported too (WORKDIR/dit, a converted folder for model_init.dit / --dit).
