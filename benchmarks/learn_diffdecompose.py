@@ -90,12 +90,16 @@ def stage_vae(config, workdir: str, args, log) -> dict:
             return json.load(f)
     data = dataset(config, seed=config.seed)
     rng = np.random.default_rng(config.seed)
-    keys = ("composite", "foreground", "background")
+    # A pool of every image kind the DiT will see (generated once: drawing samples per step would bound the step
+    # by the generator, ~3 ms a sample), from the training seed's first samples; in [-1, 1].
+    t0 = time.perf_counter()
+    pool = np.stack([data[i][k] for i in range(min(args.vae_pool, len(data)))
+                     for k in ("composite", "foreground", "background")]) * 2.0 - 1.0
+    log(f"vae: {len(pool)} training images in {time.perf_counter() - t0:.1f}s")
 
-    def batches():  # every image kind the DiT will see, in [-1, 1]
+    def batches():
         while True:
-            idx = rng.integers(len(data), size=args.vae_batch)
-            yield np.stack([data[int(i)][keys[j % 3]] for j, i in enumerate(idx)]) * 2.0 - 1.0
+            yield pool[rng.integers(len(pool), size=args.vae_batch)]
 
     vae = FluxVAE(flux_vae_variant(args.vae_variant), dtype=jnp.float32, param_dtype=jnp.float32,
                   rngs=nnx.Rngs(config.seed))
@@ -104,6 +108,7 @@ def stage_vae(config, workdir: str, args, log) -> dict:
                               log_every=max(1, args.vae_steps // 10), log=log)
     save_pretrained(path, vae, "flux_vae", overwrite=True, trained_by="benchmarks/learn_diffdecompose.py")
     result = dict(history=history, variant=args.vae_variant, steps=args.vae_steps, batch=args.vae_batch,
+                  pool=len(pool),
                   seconds=round(time.perf_counter() - t0, 1))
     from omnijax.io.atomic import atomic_write
 
@@ -116,7 +121,11 @@ def stage_train(config, workdir: str, log) -> dict:
 
     wd = os.path.join(workdir, "train")
     ckpt_dir = os.path.join(wd, "checkpoints")
-    done = os.path.isdir(ckpt_dir) and Checkpointer(ckpt_dir).latest_step() == config.total_steps
+    done = False
+    if os.path.isdir(ckpt_dir):
+        ckpt = Checkpointer(ckpt_dir)
+        done = ckpt.latest_step() == config.total_steps
+        ckpt.close()
     if done:
         log(f"train: {wd} holds step {config.total_steps}, skipped")
     else:
@@ -254,9 +263,9 @@ def loss_plot(path: str, curve: list, vae_curve: list) -> None:
             continue
         xs, ys = np.array([q[0] for q in pts], float), np.array([q[1] for q in pts], float)
         lo, hi = float(ys.min()), float(ys.max()) + 1e-12
-        sx = lambda x: x0 + pad + (x - xs[0]) / max(xs[-1] - xs[0], 1) * (W - 1.5 * pad)
-        sy = lambda y: H - pad - (y - lo) / (hi - lo) * (H - 1.5 * pad)
-        draw.line([(sx(x), sy(y)) for x, y in zip(xs, ys, strict=True)], fill=(200, 30, 30), width=2)
+        px = x0 + pad + (xs - xs[0]) / max(xs[-1] - xs[0], 1) * (W - 1.5 * pad)
+        py = H - pad - (ys - lo) / (hi - lo) * (H - 1.5 * pad)
+        draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=(200, 30, 30), width=2)
         draw.text((x0 + 2, pad // 2), f"{hi:.3g}", fill="black")
         draw.text((x0 + 2, H - pad - 10), f"{lo:.3g}", fill="black")
         draw.text((x0 + pad, H - pad + 4), f"step {int(xs[0])}", fill="black")
@@ -274,6 +283,8 @@ def main(argv=None):
     p.add_argument("--vae-steps", type=int, default=0, help="VAE training steps (0: 1500, --tiny 2)")
     p.add_argument("--vae-batch", type=int, default=0, help="(0: 24, --tiny 3)")
     p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-pool", type=int, default=0, help="training samples whose 3 images train the VAE "
+                   "(0: 1024, --tiny 4)")
     p.add_argument("--vae-variant", default="tiny", help="omnijax.models.flux.vae variant row")
     p.add_argument("--num-eval", type=int, default=0, help="held-out samples (0: 32, --tiny 2)")
     p.add_argument("--eval-batch", type=int, default=8)
@@ -289,14 +300,14 @@ def main(argv=None):
     args.vae_steps = args.vae_steps or (2 if args.tiny else 1500)
     args.vae_batch = args.vae_batch or (3 if args.tiny else 24)
     args.num_eval = args.num_eval or (2 if args.tiny else 32)
-    for name in ("steps", "vae_steps", "num_eval", "eval_batch"):
+    args.vae_pool = args.vae_pool or (4 if args.tiny else 1024)
+    for name in ("steps", "vae_steps", "vae_pool", "num_eval", "eval_batch"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
 
-    from launch import common  # noqa: F401  (XLA flags before jax starts)
-
     import jax
 
+    from launch import common  # noqa: F401  (XLA flags before jax starts)
     from omnijax.io.atomic import atomic_write
     from omnijax.io.video import write_image
 
@@ -334,7 +345,8 @@ def main(argv=None):
                       size=f"{config.input.width}x{config.input.height}", subtasks=list(config.input.subtasks),
                       lr=float(config.lr), sampler_steps=int(config.sampler.steps),
                       guidance=float(config.sampler.guidance), vae_variant=args.vae_variant,
-                      vae_steps=args.vae_steps, vae_batch=args.vae_batch, held_out_seed=HELD_OUT_SEED,
+                      vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_pool=args.vae_pool,
+                      held_out_seed=HELD_OUT_SEED,
                       text="tiny random T5 / CLIP stand-ins: the prompt embedding is a constant input"))
     atomic_write(os.path.join(args.out, RESULT), json.dumps(result, indent=1, default=float))
     loss_plot(os.path.join(args.out, "loss.png"), train["curve"],

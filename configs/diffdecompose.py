@@ -127,7 +127,7 @@ def get_config(arg=None):
 def learn_preset(c, *, tiny: bool) -> None:
     """The small-scale learning check (see the module docstring): a DiT trained from scratch on watermarks."""
     c.input.update(subtasks=("watermark",), height=32 if tiny else 128, width=32 if tiny else 128,
-                   batch_size=2 if tiny else 16, num_threads=0 if tiny else 8)
+                   batch_size=2 if tiny else 16, num_threads=0 if tiny else 12)
     # 128x128 through the tiny VAE (x2): 64x64 latents, 1024 tokens per layer, 3 x 1024 + 16 text tokens.
     c.text.max_length = 16  # the tiny T5 stand-in: the prompt embedding is a constant input
     # bf16 compute on f32 weights (Adam updates of a from-scratch model fall below bf16's resolution); the VAE in
@@ -144,8 +144,8 @@ def learn_preset(c, *, tiny: bool) -> None:
     c.sampler.update(steps=28, guidance=1.0)
     c.schedule = dict(warmup_steps=1 if tiny else 100, decay_type="cosine", end_factor=0.1)
     c.lr = 3e-4
-    c.total_steps = 4 if tiny else 2500
-    c.log_steps = 1 if tiny else 25
+    c.total_steps = 4 if tiny else 2000
+    c.log_steps = 1 if tiny else 10
     c.ckpt_steps = c.total_steps  # one checkpoint, at the end (the evaluation restores it)
     c.evals.update(preview_steps=c.total_steps, preview_sampler_steps=2 if tiny else 28, export_formats=("omnijax",))
     c.sampler.steps = 2 if tiny else 28
