@@ -108,8 +108,7 @@ def stage_vae(config, workdir: str, args, log) -> dict:
                               log_every=max(1, args.vae_steps // 10), log=log)
     save_pretrained(path, vae, "flux_vae", overwrite=True, trained_by="benchmarks/learn_diffdecompose.py")
     result = dict(history=history, variant=args.vae_variant, steps=args.vae_steps, batch=args.vae_batch,
-                  pool=len(pool),
-                  seconds=round(time.perf_counter() - t0, 1))
+                  pool=len(pool), seconds=round(time.perf_counter() - t0, 1))
     from omnijax.io.atomic import atomic_write
 
     atomic_write(hist_path, json.dumps(result, indent=1))
@@ -337,7 +336,8 @@ def main(argv=None):
         dit_cfg = json.load(f)["config"]
     abstract = nnx.eval_shape(lambda: task_dit(dit_cfg))
     result = dict(
-        eval=ev, train=train, stage_s=times, device=jax.devices()[0].device_kind,
+        eval=ev, train=train, device=jax.devices()[0].device_kind,
+        stage_s=times,  # this invocation's seconds per stage (near 0 for a stage the workdir already held)
         vae=dict(first=vae["history"][0], last=vae["history"][-1], seconds=vae["seconds"]),
         settings=dict(dit=config.model.dit_variant or "tiny", dit_config=dit_cfg,
                       dit_params=int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))),
