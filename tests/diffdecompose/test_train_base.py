@@ -49,3 +49,13 @@ def test_train_base_trains_the_base_weights(train_base):
     else:
         assert changed == []
     assert models.wrt is (nnx.Param if train_base else nnx.LoRAParam)
+
+
+def test_dit_variant_needs_a_random_dit(tmp_path):
+    from tasks import SetupError
+
+    config = diffdecompose.get_config("learn,runlocal")
+    config.model_init.dit = str(tmp_path)  # a converted folder brings its own size: a size row cannot apply
+    mesh = sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), pytest.raises(SetupError, match="dit_variant"):
+        task.build(config, mesh)
