@@ -235,13 +235,15 @@ def table(result: dict) -> str:
     lines.append(f"| foreground layer: model / VAE ceiling | {m['fg_rmse']:.2f} / {m['ceiling_fg_rmse']:.2f} | | "
                  f"{m['fg_psnr']:.2f} / {m['ceiling_fg_psnr']:.2f} |")
     t, s = result["train"], result["settings"]
-    lines += ["", f"The model's background RMSE beats the baseline on {e['beats']['baseline']}/{e['n']} samples, "
+    verdict = ", ".join(f"{k.replace('_', ' ')}: {'yes' if ok else 'no'}" for k, ok in result["verdict"].items())
+    lines += ["", f"Verdict (means): {verdict}.",
+              f"The model's background RMSE beats the baseline on {e['beats']['baseline']}/{e['n']} samples, "
               f"the copy on {e['beats']['copy']}/{e['n']}. "
               f"Loss (flow matching, mean of the first / last {t['window']} logged steps): {t['loss_first']:.4f} -> "
               f"{t['loss_last']:.4f}. {s['dit']} DiT ({s['dit_params'] / 1e6:.1f} M params) from scratch, "
               f"{s['steps']} steps of batch {s['batch']} at {s['size']}, {s['sampler_steps']} sampler steps; "
               f"VAE {s['vae_variant']} {s['vae_steps']} steps. Stage times (s): "
-              + ", ".join(f"{k} {v}" for k, v in result["stage_s"].items()) + f"; device: {result['device']}."]
+              + ", ".join(f"{k} {sec}" for k, sec in result["stage_s"].items()) + f"; device: {result['device']}."]
     return "\n".join(lines)
 
 
@@ -303,6 +305,8 @@ def main(argv=None):
     for name in ("steps", "vae_steps", "vae_pool", "num_eval", "eval_batch"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.vae_steps < 2 or args.steps == 1:  # (fit_autoencoder's and the trainer's warmup + cosine need 2)
+        p.error("--vae-steps and --steps must be at least 2")
 
     import jax
 
@@ -330,13 +334,18 @@ def main(argv=None):
     losses = [l for _, l in train["curve"]]
     window = max(1, min(10, len(losses) // 4))
     train.update(window=window, loss_first=float(np.mean(losses[:window])), loss_last=float(np.mean(losses[-window:])))
+    m = ev["mean"]
+    verdict = dict(loss_fell=train["loss_last"] < train["loss_first"],
+                   beats_baseline=m["bg_rmse"] < m["baseline_bg_rmse"], beats_copy=m["bg_rmse"] < m["copy_bg_rmse"],
+                   beats_baseline_in_mark=m["bg_masked_rmse"] < m["baseline_bg_masked_rmse"],
+                   baseline_reachable=m["ceiling_bg_rmse"] < m["baseline_bg_rmse"])
     from flax import nnx
 
     with open(os.path.join(workdir, "train", "dit", "omnijax.json")) as f:
         dit_cfg = json.load(f)["config"]
     abstract = nnx.eval_shape(lambda: task_dit(dit_cfg))
     result = dict(
-        eval=ev, train=train, device=jax.devices()[0].device_kind,
+        verdict=verdict, eval=ev, train=train, device=jax.devices()[0].device_kind,
         stage_s=times,  # this invocation's seconds per stage (near 0 for a stage the workdir already held)
         vae=dict(first=vae["history"][0], last=vae["history"][-1], seconds=vae["seconds"]),
         settings=dict(dit=config.model.dit_variant or "tiny", dit_config=dit_cfg,
