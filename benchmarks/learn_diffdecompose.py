@@ -67,6 +67,8 @@ def learn_config(args, workdir: str):
         c.total_steps = c.ckpt_steps = args.steps
         c.schedule.warmup_steps = min(c.schedule.warmup_steps, args.steps - 1)
     c.evals.preview_steps = c.total_steps + 1  # no trainer preview: the eval stage samples the same model
+    if args.opacity:
+        c.input.opacity = tuple(float(v) for v in args.opacity.split(","))
     if args.sampler_steps:
         c.sampler.steps = c.evals.preview_sampler_steps = args.sampler_steps
     return c
@@ -241,7 +243,8 @@ def table(result: dict) -> str:
               f"the copy on {e['beats']['copy']}/{e['n']}. "
               f"Loss (flow matching, mean of the first / last {t['window']} logged steps): {t['loss_first']:.4f} -> "
               f"{t['loss_last']:.4f}. {s['dit']} DiT ({s['dit_params'] / 1e6:.1f} M params) from scratch, "
-              f"{s['steps']} steps of batch {s['batch']} at {s['size']}, {s['sampler_steps']} sampler steps; "
+              f"{s['steps']} steps of batch {s['batch']} at {s['size']}, opacity {s['opacity']}, "
+              f"{s['sampler_steps']} sampler steps; "
               f"VAE {s['vae_variant']} {s['vae_steps']} steps. Stage times (s): "
               + ", ".join(f"{k} {sec}" for k, sec in result["stage_s"].items()) + f"; device: {result['device']}."]
     return "\n".join(lines)
@@ -287,6 +290,8 @@ def main(argv=None):
     p.add_argument("--vae-pool", type=int, default=0, help="training samples whose 3 images train the VAE "
                    "(0: 1024, --tiny 4)")
     p.add_argument("--vae-variant", default="tiny", help="omnijax.models.flux.vae variant row")
+    p.add_argument("--opacity", default="", help="LO,HI: the marks' opacity range instead of the paper's "
+                   "(0.1, 0.25), e.g. 0.4,0.8 for marks a latent model can beat the composite on")
     p.add_argument("--num-eval", type=int, default=0, help="held-out samples (0: 32, --tiny 2)")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--sheet-rows", type=int, default=6)
@@ -352,6 +357,7 @@ def main(argv=None):
                       dit_params=int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))),
                       steps=int(config.total_steps), batch=int(config.input.batch_size),
                       size=f"{config.input.width}x{config.input.height}", subtasks=list(config.input.subtasks),
+                      opacity=list(config.input.opacity) or "paper (0.1, 0.25)",
                       lr=float(config.lr), sampler_steps=int(config.sampler.steps),
                       guidance=float(config.sampler.guidance), vae_variant=args.vae_variant,
                       vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_pool=args.vae_pool,
