@@ -1,20 +1,22 @@
 """Does DiffDecompose learn? A small Flux DiT trained from scratch on the procedural watermark subtask, then the
 backgrounds it predicts on held-out composites measured against the trivial baseline (issue 18, GPU section).
 
-  python3 benchmarks/learn_diffdecompose.py --workdir /tmp/learn18 --out $OUT/l18       # H200: about 3-4 min
+  python3 benchmarks/learn_diffdecompose.py --workdir /tmp/learn18 --out $OUT/l18       # H200: about 4-5 min
+  python3 benchmarks/learn_diffdecompose.py --opacity 0.4,0.8 --workdir /tmp/learn18o --out $OUT/l18o  # stronger
   python3 benchmarks/learn_diffdecompose.py --tiny --workdir /tmp/l18t --out /tmp/l18t/out  # CPU mechanics
   python3 benchmarks/learn_diffdecompose.py --markdown /tmp/l18/learn_diffdecompose.json  # the docs table
 
 Stages (each skipped when --workdir already holds its result, so a rerun resumes):
   vae    a Flux VAE trained from scratch (omnijax.training.autoencoder.fit_autoencoder) on the composites,
-         foregrounds and backgrounds of the training seed; no published VAE can be downloaded here.
+         foregrounds and backgrounds of the first --vae-pool training samples; no published VAE can be downloaded.
          -> WORKDIR/vae (a converted folder), WORKDIR/vae_history.json
   train  launch/train.py's `train` on configs/diffdecompose.py:learn (the "small" DiT, every weight trained,
          128x128 watermarks, batch 16), the trained VAE as model_init.vae. -> WORKDIR/train
   eval   N held-out samples (another data seed, so other procedural marks and backgrounds than training drew):
          background RMSE x256 (LOGO), masked RMSE x256 (inside the mark), PSNR of the predicted background vs the
-         truth; the trivial baseline (the composite taken as the background) and the ceiling (the true background
-         through the VAE and back); the foreground layer's RMSE / PSNR and its VAE ceiling.
+         truth, beside the trivial baseline, the copy and the ceiling (COMPARE below); the foreground layer's
+         RMSE / PSNR and its VAE ceiling. -> WORKDIR/eval.json, eval_sheet.npz
+A workdir belongs to one setting (--opacity, sizes): use another workdir for another.
 The text encoders are the tiny random stand-ins: with one subtask the prompt embedding is a constant input.
 
 --out gets learn_diffdecompose.json (table, loss curve, settings, stage times), loss.png, sheet.png, log.txt.
@@ -310,6 +312,13 @@ def main(argv=None):
     for name in ("steps", "vae_steps", "vae_pool", "num_eval", "eval_batch"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.opacity:
+        try:
+            lo, hi = (float(v) for v in args.opacity.split(","))
+        except ValueError:
+            p.error(f"--opacity {args.opacity!r}: expected LO,HI (two numbers)")
+        if not 0 < lo <= hi <= 1:
+            p.error(f"--opacity {args.opacity!r}: need 0 < LO <= HI <= 1")
     if args.vae_steps < 2 or args.steps == 1:  # (fit_autoencoder's and the trainer's warmup + cosine need 2)
         p.error("--vae-steps and --steps must be at least 2")
 
