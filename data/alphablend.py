@@ -343,7 +343,8 @@ def dataset_from_config(inp, *, seed: int = 0, length: int = 10_000):
     """The data source of a config's `input` block (configs/diffdecompose.py).
 
     inp.source: "procedural" (AlphaBlendDataset; `fg_dir` / `bg_dir` = "" keep the procedural layers, a folder
-    replaces them for every subtask, `fg_alpha` as in RGBAFolderSource) or "logo" (data.logo.LogoDataset of
+    replaces them for every subtask, `fg_alpha` as in RGBAFolderSource; `opacity` (low, high), if given, replaces
+    every subtask's opacity range) or "logo" (data.logo.LogoDataset of
     `logo_root` / `logo_split` at height×width, which must be square).
     """
     if inp.source == "logo":
@@ -357,6 +358,11 @@ def dataset_from_config(inp, *, seed: int = 0, length: int = 10_000):
     if inp.source != "procedural":
         raise ValueError(f"input.source must be 'procedural' or 'logo', got {inp.source!r}")
     cfg = AlphaBlendConfig(height=int(inp.height), width=int(inp.width), subtasks=tuple(inp.subtasks))
+    if inp.get("opacity"):  # (low, high) for every subtask instead of the per-subtask defaults
+        lo, hi = (float(v) for v in inp.opacity)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"input.opacity must be (low, high) with 0 < low <= high <= 1, got {tuple(inp.opacity)}")
+        cfg = dataclasses.replace(cfg, opacity=tuple((s, (lo, hi)) for s in SUBTASKS))
     fg = RGBAFolderSource(inp.fg_dir, alpha=inp.get("fg_alpha", "channel")) if inp.get("fg_dir") else None
     bg = ImageFolderSource(inp.bg_dir) if inp.get("bg_dir") else None
     return AlphaBlendDataset(cfg, foregrounds=fg, backgrounds=bg, seed=seed, length=length)

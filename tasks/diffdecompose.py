@@ -1,9 +1,9 @@
 """The DiffDecompose task: a LoRA on Flux.1 for In-Context Decomposition of alpha composites (tasks/__init__.py).
 
 Config keys read here (configs/diffdecompose.py): input.*, prompt.*, text.max_length, model.{dtype, remat,
-attention}, model_init.{dit, vae, t5, clip, t5_tokenizer, clip_tokenizer, lora}, lora.*, icd.*, loss.{t_sampling,
-guidance, weights}, sampler.{guidance, mu_tokens}, evals.{preview_sampler_steps, export_formats}, sharding_rules,
-seed.
+attention, dit_variant, param_dtype, vae_dtype}, train_base, model_init.{dit, vae, t5, clip, t5_tokenizer,
+clip_tokenizer, lora}, lora.*, icd.*, loss.{t_sampling, guidance, weights}, sampler.{guidance, mu_tokens},
+evals.{preview_sampler_steps, export_formats}, sharding_rules, seed.
 
 One step: AlphaBlend host batch {composite, foreground, background [B, H, W, 3] in [0, 1], subtask [B]} ->
 `make_batch` (frozen, jitted: the Flux VAE encodes the three images; the subtask's prompt embedding is a row of
@@ -98,13 +98,16 @@ def prompt_table(config, encoders=None) -> tuple[np.ndarray, np.ndarray]:
     return txt, y
 
 
-def _load(config, name: str, kind: str, offset: int, **kw):
+def _load(config, name: str, kind: str, offset: int, *, dtype=None, model_config=None, **kw):
+    """registry.load of model_init.<name> in config.model.dtype (or `dtype`); model_config: a "tiny" source's
+    config instead of the registry row's."""
     source = config.model_init[name]
     if not source:
         raise SetupError(f"config.model_init.{name} is not set: 'tiny', a converted folder (launch/convert.py "
                          f"--kind {kind}) or the original weights")
     try:
-        return registry.load(kind, source, dtype=config.model.dtype, seed=config.seed + offset, progress=True, **kw)[1]
+        return registry.load(kind, source, dtype=dtype or config.model.dtype, seed=config.seed + offset, progress=True,
+                             config=model_config, **kw)[1]
     except registry.ModelSourceError as e:
         raise SetupError(f"config.model_init.{name}: {e}") from None
 
@@ -128,16 +131,35 @@ def make_lora(config, flux_config):
     return FluxLoRA(flux_config, spec, dtype=dtype, param_dtype=pd, rngs=nnx.Rngs(config.seed))
 
 
+def _dit(config, mesh, vae, txt, y):
+    """The DiT: model_init.dit, or with model.dit_variant a random DiT of that Flux size row (model_init.dit
+    "tiny") whose latent and text widths fit the VAE and the prompt table."""
+    name = config.model.get("dit_variant", "")
+    kw = dict(mesh=mesh, rules=config.sharding_rules, param_dtype=config.model.get("param_dtype") or None)
+    if not name:
+        return _load(config, "dit", "flux_dit", 0, **kw)
+    from omnijax.models.flux.variants import variant
+
+    if config.model_init.dit != "tiny":
+        raise SetupError(f"config.model.dit_variant={name!r} builds a random DiT: set model_init.dit='tiny' "
+                         f"(not {config.model_init.dit!r}) or dit_variant=''")
+    try:
+        cfg = variant(name, in_channels=4 * vae.config.z_dim, out_channels=4 * vae.config.z_dim,
+                      context_in_dim=int(txt.shape[-1]), vec_in_dim=int(y.shape[-1]))
+    except ValueError as e:
+        raise SetupError(f"config.model.dit_variant: {e}") from None
+    return _load(config, "dit", "flux_dit", 0, model_config=cfg, **kw)
+
+
 def build(config, mesh) -> Models:
-    """DiffDecomposer (frozen FluxDiT + trainable FluxLoRA), the VAE and the prompt table."""
+    """DiffDecomposer (FluxDiT + FluxLoRA), the VAE and the prompt table. The adapters train (Models.wrt =
+    nnx.LoRAParam) and the DiT is frozen, unless config.train_base: then every weight trains (nnx.Param)."""
+    from flax import nnx
+
     from omnijax import sharding
     from omnijax.diffdecompose.model import DiffDecomposer
 
-    dit = _load(config, "dit", "flux_dit", 0, mesh=mesh, rules=config.sharding_rules)
-    vae = _load(config, "vae", "flux_vae", 1, mesh=mesh, rules="replicated")
-    if vae.config.z_dim * 4 != dit.config.in_channels:
-        raise SetupError(f"the VAE's {vae.config.z_dim} latent channels do not pack to the DiT's "
-                         f"{dit.config.in_channels} input features")
+    vae = _load(config, "vae", "flux_vae", 1, mesh=mesh, rules="replicated", dtype=config.model.get("vae_dtype"))
 
     def encoders():
         cache = config.input.conditioning_cache
@@ -145,6 +167,10 @@ def build(config, mesh) -> Models:
                 _load(config, "clip", "clip_l", 3), _tokenizer(config.model_init.clip_tokenizer, cache))
 
     txt, y = prompt_table(config, encoders)
+    dit = _dit(config, mesh, vae, txt, y)
+    if vae.config.z_dim * 4 != dit.config.in_channels:
+        raise SetupError(f"the VAE's {vae.config.z_dim} latent channels do not pack to the DiT's "
+                         f"{dit.config.in_channels} input features")
     if txt.shape[-1] != dit.config.context_in_dim or y.shape[-1] != dit.config.vec_in_dim:
         raise SetupError(f"text embeddings {txt.shape[-1]}/{y.shape[-1]} wide do not fit the DiT "
                          f"({dit.config.context_in_dim}/{dit.config.vec_in_dim})")
@@ -152,10 +178,14 @@ def build(config, mesh) -> Models:
     model = DiffDecomposer(dit, make_lora(config, dit.config), settings)
     sharding.shard_module(model, config.sharding_rules, mesh, print_fn=None)  # places the new adapters
     lora = config.lora
+    train_base = bool(config.get("train_base", False))
     signature = dict(icd=settings.to_dict(), lora=dict(rank=int(lora.rank), alpha=float(lora.alpha),
                                                        targets=list(lora.targets),
                                                        init=config.model_init.get("lora", "")))
-    return Models(trainable=model, frozen=dict(vae=vae, txt=txt, y=y), signature=signature)
+    if train_base:  # (only then: checkpoints of adapter-only runs keep their signature)
+        signature.update(train_base=True, dit=dit.config.to_dict())
+    return Models(trainable=model, frozen=dict(vae=vae, txt=txt, y=y), signature=signature,
+                  wrt=nnx.Param if train_base else nnx.LoRAParam)
 
 
 # ------------------------------------------------------------------------------------------------- input
@@ -300,5 +330,10 @@ def export(model, config, workdir: str) -> list[str]:
     from omnijax.diffdecompose.lora_io import save_decomposer_lora
 
     extra = dict(icd=model.settings.to_dict(), prompt=json.loads(config.prompt.to_json()))
-    return [save_decomposer_lora(os.path.join(workdir, f"lora_diffdecompose_{fmt}.safetensors"), model.lora,
-                                 fmt=fmt, extra=extra) for fmt in config.evals.export_formats]
+    paths = [save_decomposer_lora(os.path.join(workdir, f"lora_diffdecompose_{fmt}.safetensors"), model.lora,
+                                  fmt=fmt, extra=extra) for fmt in config.evals.export_formats]
+    if config.get("train_base", False):  # the trained base as a converted folder (model_init.dit / --dit)
+        from omnijax.checkpoint import save_pretrained
+
+        paths.append(save_pretrained(os.path.join(workdir, "dit"), model.dit, "flux_dit", overwrite=True))
+    return paths

@@ -187,3 +187,19 @@ def test_config_builds_data_and_prompts(tmp_path):
     assert len(logo) == 3 and logo[0]["composite"].shape == (256, 256, 3)
     with pytest.raises(ValueError, match="unknown subtasks"):
         diffdecompose.get_config("subtasks=rain")
+
+
+def test_config_opacity_replaces_every_subtasks_range():
+    from configs import diffdecompose
+
+    c = diffdecompose.get_config("subtasks=watermark+xray,runlocal")
+    c.input.opacity = (0.5, 0.6)
+    ds = ab.dataset_from_config(c.input, length=8)
+    for i in range(8):
+        s = ds[i]
+        assert 0.5 <= s["params"]["opacity"] <= 0.6
+        # The watermark is the over operator: the mark's alpha is opacity x the logo's own alpha.
+        assert float(s["alpha"].max()) <= 0.6 + 1e-6
+    c.input.opacity = (0.6, 0.5)
+    with pytest.raises(ValueError, match="input.opacity"):
+        ab.dataset_from_config(c.input, length=1)

@@ -58,14 +58,20 @@ _SIZES = {
     # transposed kernel cannot pass unnoticed.
     "tiny": dict(in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=64, num_heads=2,
                  depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12)),
+    # Trained from scratch in minutes (benchmarks/learn_diffdecompose.py): dev's layout at 1/8 width, a few blocks;
+    # head_dim 64 = 16 + 24 + 24. Text/vector widths and the latent channels are set by the caller to fit its
+    # encoders and VAE (the dev values below are placeholders).
+    "small": dict(hidden_size=384, num_heads=6, depth=4, depth_single_blocks=4, axes_dim=(16, 24, 24)),
 }
 _NAMES = {"dev": ("full", True), "schnell": ("full", False), "tiny": ("tiny", True), "tiny-dev": ("tiny", True),
-          "tiny-schnell": ("tiny", False)}
+          "tiny-schnell": ("tiny", False),
+          "small": ("small", True)}
 VARIANTS = tuple(_NAMES)
 
 
 def variant(name: str, **overrides) -> FluxConfig:
-    """Config by name: "dev", "schnell" (guidance-distilled or not), "tiny" (= "tiny-dev"), "tiny-schnell".
+    """Config by name: "dev", "schnell" (guidance-distilled or not), "tiny" (= "tiny-dev"), "tiny-schnell", "small"
+    (a dev-layout model for training from scratch at small scale).
 
     Keyword overrides replace fields (e.g. variant("tiny", depth=3)).
     """
