@@ -46,7 +46,8 @@ def input_pipeline(config, *, seed: int):
     if inp.batch_size % jax.process_count():
         raise SetupError(f"input.batch_size {inp.batch_size} is not divisible by {jax.process_count()} processes")
     return make_pipeline(pixel_source(config, seed=seed), batch_size=inp.batch_size // jax.process_count(),
-                         seed=seed, keys=PIXEL_KEYS, num_threads=inp.num_threads)
+                         seed=seed, keys=PIXEL_KEYS, num_threads=inp.num_threads,
+                         num_workers=inp.get("num_workers", 0))
 
 
 def make_batch(models: Models, config, mesh):

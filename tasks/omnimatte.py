@@ -192,7 +192,7 @@ def make_input(config, *, seed: int):
     else:
         source, keys = pixel_source(config, seed=seed), PIXEL_KEYS
     return make_pipeline(source, batch_size=inp.batch_size // jax.process_count(), seed=seed, keys=keys,
-                         num_threads=inp.num_threads), cached
+                         num_threads=inp.num_threads, num_workers=inp.get("num_workers", 0)), cached
 
 
 def input_pipeline(config, *, seed: int):
