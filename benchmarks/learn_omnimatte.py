@@ -53,8 +53,8 @@ def settings(args) -> dict:
     tiny = args.tiny
     s = dict(frames=9 if tiny else 17, height=32 if tiny else 128, width=32 if tiny else 128,
              dit="tiny-inp" if tiny else "small-inp", vae="tiny" if tiny else "small",
-             vae_steps=2 if tiny else 1200, vae_lr=1e-3, vae_batch=1 if tiny else 2, kl_weight=1e-3,
-             base_steps=2 if tiny else 2500, base_lr=3e-4, base_batch=1 if tiny else 8,
+             vae_steps=2 if tiny else 2500, vae_lr=1e-3, vae_batch=1 if tiny else 2, kl_weight=1e-3,
+             base_steps=2 if tiny else 2500, base_lr=5e-4, base_batch=1 if tiny else 8,
              expert_steps=2 if tiny else 1200, expert_lr=1e-3, expert_batch=1 if tiny else 4,
              eval_clips=1 if tiny else 24, sampler_steps=1 if tiny else 8, analysis_samples=1 if tiny else 32,
              workers=0 if tiny else max(0, min(12, (os.cpu_count() or 2) - 4)), sheet_clips=1 if tiny else 4)
@@ -173,8 +173,8 @@ def _common_overrides(s, wd, *, steps, lr, batch) -> dict:
     o.update({"total_steps": steps, "lr": lr, "input.batch_size": batch, "input.frames": s["frames"],
               "input.height": s["height"], "input.width": s["width"], "model.variant": s["dit"],
               "input.num_workers": s["workers"], "schedule.warmup_steps": max(1, min(100, steps // 20))})
-    if s["workers"] == 0:
-        o["input.num_threads"] = 0 if s["tiny"] else 8
+    # Reader threads: inside each worker process when there are workers (grain), else in this process.
+    o["input.num_threads"] = 2 if s["workers"] else 0 if s["tiny"] else 8
     if s["tiny"]:
         o.update({"model.attention": "xla", "ckpt_steps": steps})
     return o

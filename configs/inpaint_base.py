@@ -27,7 +27,7 @@ def get_config(arg=None):
     # base (omnijax.omnimatte.training.inpaint_pixels).
     c.inpaint = dict(masked_prob=0.5)
     c.model_init.dit = "tiny"  # a random init of model.variant: training from scratch
-    c.lr = 3e-4
+    c.lr = 5e-4
     c.wd = 1e-2
     if not a["runlocal"]:
         small_base(c, steps=4000, batch_size=8)
