@@ -303,9 +303,9 @@ def write_sheet(path, sheet):
     rows, names = [], []
     for c, (gt, alpha, bg) in enumerate(sheet):
         idx = np.linspace(0, gt["video"].shape[0] - 1, 4).round().astype(int)
-        grey = lambda a: np.repeat(np.asarray(a)[idx][..., None], 3, -1)
-        for label, r in (("input", gt["video"][idx]), ("alpha (dual)", grey(alpha)), ("true alpha", grey(gt["alpha"])),
-                         ("background", np.asarray(bg)[idx])):
+        grey = lambda a, idx=idx: np.repeat(np.asarray(a)[idx][..., None], 3, -1)
+        for label, r in (("input", gt["video"][idx]), ("alpha (dual)", grey(alpha)),
+                         ("true alpha", grey(gt["alpha"])), ("background", np.asarray(bg)[idx])):
             rows.append(np.concatenate(list(r), axis=1))
             names.append(f"#{c} {label}")
     img = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).round().astype(np.uint8)
@@ -386,9 +386,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unknown stage(s) {bad}; known: {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    from absl import flags
-
-    from absl import logging
+    from absl import flags, logging
 
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
         flags.FLAGS(sys.argv[:1])

@@ -81,7 +81,8 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     # num_threads: reader threads; num_workers: worker processes making composites (grain, spawned), for hosts whose
     # threads cannot keep up (the composites are numpy/scipy work that mostly holds the GIL).
     c.input = dict(source="videomatte", batch_size=1, frames=a["frames"], height=height, width=width,
-                   num_threads=4, num_workers=0, fg_dir="", bg_dir="", conditioning_cache="", latent_cache="", vae_sample=True)
+                   num_threads=4, num_workers=0, fg_dir="", bg_dir="", conditioning_cache="", latent_cache="",
+                   vae_sample=True)
     # remat: trainable blocks that recompute their forward in the backward pass (-1 all, 0 none, n the first n
     # adapted ones); see EasyOmnimatte.__call__. Lower it for shorter clips, raise it if the step runs out of memory.
     # context_method: how the branch self-attention splits tokens over a mesh "context" axis > 1 (auto | ulysses |

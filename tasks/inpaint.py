@@ -93,8 +93,8 @@ def make_preview(models: Models, config):
     from data.pipeline import fit_to_latent
     from omnijax.io.sheet import label_rows
     from omnijax.io.video import write_image
-    from omnijax.omnimatte.training import inpaint_pixels
     from omnijax.omnimatte.masks import condition_y, latent_mask
+    from omnijax.omnimatte.training import inpaint_pixels
 
     clip_px = fit_to_latent(pixel_source(config, seed=config.seed + 7919, preview=True)[0])
     batch = {k: jnp.asarray(clip_px[k])[None].repeat(2, 0) for k in PIXEL_KEYS}

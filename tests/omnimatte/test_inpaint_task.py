@@ -13,8 +13,8 @@ from flax import nnx
 from scipy import ndimage
 
 from omnijax.models.wan.dit import WanDiT
-from omnijax.models.wan.variants import variant
 from omnijax.models.wan.vae import WanVAE, vae_variant
+from omnijax.models.wan.variants import variant
 from omnijax.omnimatte.masks import NEUTRAL, latent_mask
 from omnijax.omnimatte.training import inpaint_inputs, inpaint_pixels
 from tasks import inpaint
