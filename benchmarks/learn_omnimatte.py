@@ -229,10 +229,11 @@ def clip_metrics(alpha, bg, recomp, gt) -> dict:
     from omnijax.metrics import matte
 
     region = gt["alpha"] > 0.1  # where the layer hides or darkens the background
-    return dict(alpha_mae=matte.alpha_mae(alpha, gt["alpha"]), alpha_iou=matte.alpha_iou(alpha, gt["alpha"]),
+    row = dict(alpha_mae=matte.alpha_mae(alpha, gt["alpha"]), alpha_iou=matte.alpha_iou(alpha, gt["alpha"]),
                 shadow_recall=matte.effect_recall(alpha, gt["effect_mask"]),
                 bg_psnr_masked=matte.masked_psnr(bg, gt["background"], region),
                 recomp_psnr=float("nan") if recomp is None else recomp)
+    return {k: None if math.isnan(v) else float(v) for k, v in row.items()}  # JSON has no NaN
 
 
 def _mean(rows) -> dict:
@@ -392,6 +393,7 @@ def main(argv=None) -> int:
         flags.FLAGS(sys.argv[:1])
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
+    from launch import common  # noqa: F401,I001  (omnijax's XLA flags, before jax initialises a backend)
     import jax
 
     from omnijax.io.atomic import atomic_write

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "learn_omnimatte.py")
 
@@ -17,6 +19,7 @@ def _run(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # about a minute on 2 CPU cores: five stages' compiles
 def test_tiny_pipeline_runs_every_stage_and_resumes(tmp_path):
     wd, out = tmp_path / "wd", tmp_path / "out"
     r = _run("--tiny", "--workdir", str(wd), "--out", str(out))
