@@ -9,6 +9,9 @@ experts then train on it through configs/effect_expert.py / quality_expert.py wi
       --config.model_init.vae=runs/vae --config.model_init.umt5=runs/umt5 --config.model_init.clip=runs/clip
   python launch/train.py --config configs/inpaint_base.py:runlocal --workdir /tmp/base     # tiny, CPU
 
+Expected on one H200 at the defaults (17x128x128, batch 8, 4000 steps; benchmarks/learn_omnimatte.py runs 2500):
+a few minutes, bounded by making the composites on the host (set --config.input.num_workers to the free cores).
+
 Colon args as configs/common.py (base=small is the default here; res, frames, runlocal). The VAE, umT5 and CLIP
 are frozen; model_init.dit="tiny" means a random init of model.variant (training from scratch) or a converted
 folder to continue from.
@@ -25,7 +28,7 @@ def get_config(arg=None):
     # masked_prob: the share of samples in Fun-InP's masked form (object and shadow removed, the video blacked out
     # there); the rest see the whole composite with the coarse object removed, as the omnimatte sampler feeds the
     # base (omnijax.omnimatte.training.inpaint_pixels).
-    c.inpaint = dict(masked_prob=0.5)
+    c.input.masked_prob = 0.5
     c.model_init.dit = "tiny"  # a random init of model.variant: training from scratch
     c.lr = 5e-4
     c.wd = 1e-2

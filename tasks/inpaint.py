@@ -2,7 +2,7 @@
 of a synthetic composite (tasks/__init__.py protocol; configs/inpaint_base.py).
 
 Config keys read here: input.* (pixel composites only), model.{variant, dtype, remat, attention},
-model_init.{dit, vae, umt5, clip, tokenizer}, inpaint.masked_prob, loss.{shift, max_abs_error}, sampler.steps,
+model_init.{dit, vae, umt5, clip, tokenizer}, input.masked_prob, loss.{shift, max_abs_error}, sampler.steps,
 sharding_rules, seed.
 
 The inputs are those the Wan Fun-InP model takes everywhere in this repo: y = [4 latent mask channels ; the VAE
@@ -34,7 +34,7 @@ def build(config, mesh) -> Models:
                          "(-inp) variant (mask and video-latent channels, CLIP)")
     return Models(trainable=base, frozen=dict(vae=vae, conditioner=cond), wrt=nnx.Param,
                   signature=dict(task="inpaint", variant=config.model.variant,
-                                 masked_prob=float(config.inpaint.masked_prob)))
+                                 masked_prob=float(config.input.masked_prob)))
 
 
 def input_pipeline(config, *, seed: int):
@@ -54,9 +54,9 @@ def make_batch(models: Models, config, mesh):
     from omnijax.omnimatte.decompose import jit_module_fn
     from omnijax.omnimatte.training import inpaint_inputs
 
-    p = float(config.inpaint.masked_prob)
+    p = float(config.input.masked_prob)
     if not 0.0 <= p <= 1.0:
-        raise SetupError(f"config.inpaint.masked_prob = {p}: must be in [0, 1]")
+        raise SetupError(f"config.input.masked_prob = {p}: must be in [0, 1]")
     prepare = jit_module_fn(models.frozen["vae"], lambda vae, batch, key: inpaint_inputs(
         vae, batch, key, masked_prob=p, sample=config.input.vae_sample))
     return conditioned_batch_fn(prepare, models, config, mesh)
