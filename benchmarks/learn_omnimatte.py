@@ -53,7 +53,8 @@ def settings(args) -> dict:
     tiny = args.tiny
     s = dict(frames=9 if tiny else 17, height=32 if tiny else 128, width=32 if tiny else 128,
              dit="tiny-inp" if tiny else "small-inp", vae="tiny" if tiny else "small",
-             vae_steps=2 if tiny else 2500, vae_lr=1e-3, vae_batch=1 if tiny else 2, kl_weight=1e-3,
+             vae_steps=2 if tiny else 2500, vae_lr=1e-3, vae_batch=1 if tiny else 3, kl_weight=1e-3,
+             vae_crop=(9, 32, 32) if tiny else (9, 64, 64),
              base_steps=2 if tiny else 2500, base_lr=5e-4, base_batch=1 if tiny else 8,
              expert_steps=2 if tiny else 1200, expert_lr=1e-3, expert_batch=1 if tiny else 4,
              eval_clips=1 if tiny else 24, sampler_steps=1 if tiny else 8, analysis_samples=1 if tiny else 32,
@@ -108,10 +109,19 @@ def stage_vae(s, wd, log) -> dict:
                          keys=("video", "background", "alpha"), num_threads=0 if s["workers"] else 2,
                          num_workers=s["workers"])
 
-    def batches():  # each composite gives three clips: the video, its background and its alpha as a grey video
+    crop_f, crop_h, crop_w = s["vae_crop"]
+    rng = np.random.default_rng(0)
+
+    def batches():
+        # Each composite gives three clips: the video, its background and its alpha as a grey video. The VAE is
+        # convolutional (its attention is per frame), so it trains on random crops: a quarter of the pixels and
+        # half the frames cost an eighth of the full clip's step.
         for b in pipe:
             a = np.repeat(b["alpha"][..., None], 3, -1)
-            yield np.concatenate([b["video"], b["background"], a]) * 2.0 - 1.0
+            x = np.concatenate([b["video"], b["background"], a])
+            f0 = int(rng.integers(0, x.shape[1] - crop_f + 1))
+            y0, x0 = (int(rng.integers(0, n - c + 1)) for n, c in zip(x.shape[2:4], (crop_h, crop_w)))
+            yield x[:, f0:f0 + crop_f, y0:y0 + crop_h, x0:x0 + crop_w] * 2.0 - 1.0
 
     history = fit_autoencoder(vae, batches(), steps=s["vae_steps"], lr=s["vae_lr"], kl_weight=s["kl_weight"],
                               log_every=max(1, s["vae_steps"] // 50), log=log)
