@@ -16,7 +16,8 @@ resumes from its own checkpoint):
            mask-as-alpha baseline, the Quality Expert alone (tau = 1), the Effect Expert alone (tau = 0), the
            dual-expert sampler at tau = 0.5 (and with the analysis' K)
 
-  python3 benchmarks/learn_omnimatte.py --workdir /tmp/learn20 --out $OUT/l20          # GPU, ~8 min on one H200
+  python3 benchmarks/learn_omnimatte.py --workdir /tmp/learn20 --out $OUT/l20          # GPU, ~7-8 min on one H200
+  (or two calls on one warm machine: --stage vae,base,analysis, then --stage effect,quality,effect_k,eval)
   python3 benchmarks/learn_omnimatte.py --tiny --workdir /tmp/l20t --out /tmp/l20t/out  # CPU mechanics
   python3 benchmarks/learn_omnimatte.py --markdown $OUT/l20/learn_omnimatte.json        # the docs table
 
@@ -53,11 +54,11 @@ def settings(args) -> dict:
     tiny = args.tiny
     s = dict(frames=9 if tiny else 17, height=32 if tiny else 128, width=32 if tiny else 128,
              dit="tiny-inp" if tiny else "small-inp", vae="tiny" if tiny else "small",
-             vae_steps=2 if tiny else 2500, vae_lr=1e-3, vae_batch=1 if tiny else 3, kl_weight=1e-3,
+             vae_steps=2 if tiny else 2000, vae_lr=1e-3, vae_batch=1 if tiny else 3, kl_weight=1e-3,
              vae_crop=(9, 32, 32) if tiny else (9, 64, 64),
              base_steps=2 if tiny else 2500, base_lr=5e-4, base_batch=1 if tiny else 8,
-             expert_steps=2 if tiny else 1200, expert_lr=1e-3, expert_batch=1 if tiny else 4,
-             eval_clips=1 if tiny else 24, sampler_steps=1 if tiny else 8, analysis_samples=1 if tiny else 32,
+             expert_steps=2 if tiny else 1000, expert_lr=1e-3, expert_batch=1 if tiny else 4,
+             eval_clips=1 if tiny else 20, sampler_steps=1 if tiny else 8, analysis_samples=1 if tiny else 32,
              workers=0 if tiny else max(0, min(12, (os.cpu_count() or 2) - 4)), sheet_clips=1 if tiny else 4)
     for k in s:
         v = getattr(args, k, None)
