@@ -116,7 +116,7 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     if a["base"] == "small":
         small_base(c, steps=1500)
     if a["runlocal"]:
-        c.input.update(source="procedural", frames=9, height=64, width=64, num_threads=0)
+        c.input.update(source="procedural", batch_size=1, frames=9, height=64, width=64, num_threads=0, num_workers=0)
         c.model.update(variant="tiny-inp", dtype="f32", remat=0, attention="xla")
         c.model_init = dict(dit="tiny", vae="tiny", umt5="tiny", clip="tiny", tokenizer="tiny")
         c.lora.update(rank=4, alpha=4.0)

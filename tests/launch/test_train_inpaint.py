@@ -4,6 +4,7 @@ export is a converted folder that registry.load reads back bit for bit, and the 
 import os
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs import inpaint_base
@@ -18,6 +19,7 @@ def _flat(state):
             for p, v in nnx.to_flat_state(state)}
 
 
+@pytest.mark.slow  # ~50 s on 2 CPU cores: model build, the full-weight step's compile, an eager preview
 def test_inpaint_base_trains_every_weight_and_exports_a_loadable_base(tmp_path):
     config = runlocal_config(inpaint_base, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 2})
     workdir = str(tmp_path / "base")
