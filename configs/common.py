@@ -2,8 +2,11 @@
 
 Colon-args (`configs/effect_expert.py:base=wan21_14b,frames=33,runlocal`) move several fields at once:
   base      wan21_1_3b (default) | wan21_14b   which Casper base, i.e. Wan2.1-Fun-InP size (dims, K, mesh)
-  res       480 (default) | 720 | WxH          training resolution (height; width for 16:9-ish 480p is 832)
-  frames    81 (default)                       pixel frames per clip (4k+1)
+            | small                            the from-scratch learning check (benchmarks/learn_omnimatte.py):
+                                               the "small-inp" DiT pretrained by configs/inpaint_base.py, the
+                                               procedural clips, one device, f32, minutes of steps
+  res       480 (default; small: 128x128) | 720 | WxH   training resolution (height; 480p is 832 wide)
+  frames    81 (default; small: 17)            pixel frames per clip (4k+1)
   runlocal  (flag)                             tiny random models, procedural data, CPU, a few steps
 Everything else is `--config.key=value`.
 
@@ -25,12 +28,15 @@ BASES = {
                        remat=dict(effect=0, quality=10)),
     "wan21_14b": dict(variant="14b-inp", mesh=dict(data=1, fsdp=-1, context=1, tensor=1),
                       remat=dict(effect=-1, quality=-1)),
+    # 10 M parameters at 17x128x128 (320 tokens per set): nothing to recompute, one device.
+    "small": dict(variant="small-inp", mesh=dict(data=1, fsdp=1, context=1, tensor=1),
+                  remat=dict(effect=0, quality=0), res="128x128", frames=17),
 }
 RESOLUTIONS = {"480": (480, 832), "720": (720, 1280)}
 
 
 def parse_arg(arg: str | None) -> dict:
-    out = dict(base="wan21_1_3b", res="480", frames=81, runlocal=False)
+    out = dict(base="wan21_1_3b", res=None, frames=None, runlocal=False)
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in out:
@@ -38,7 +44,20 @@ def parse_arg(arg: str | None) -> dict:
         out[key] = True if key == "runlocal" and not value else (int(value) if key == "frames" else value)
     if out["base"] not in BASES:
         raise ValueError(f"base must be one of {list(BASES)}, got {out['base']!r}")
+    out["res"] = out["res"] or BASES[out["base"]].get("res", "480")
+    out["frames"] = out["frames"] or BASES[out["base"]].get("frames", 81)
     return out
+
+
+def small_base(c, *, steps: int, batch_size: int = 4) -> None:
+    """The settings every `base=small` job shares (the learning check; benchmarks/learn_omnimatte.py): procedural
+    clips made on the host by 8 threads, f32 (the model is small; no precision question), no previews (the
+    benchmark evaluates held-out clips itself), omnijax-format exports only, `steps` steps."""
+    c.input.update(source="procedural", batch_size=batch_size, num_threads=8)
+    c.model.update(dtype="f32", attention="auto")
+    c.schedule.warmup_steps = min(100, max(1, steps // 20))
+    c.total_steps, c.log_steps, c.ckpt_steps, c.keep_ckpt = steps, 10, 500, 1
+    c.evals.update(preview_steps=10**9, export_formats=("omnijax",))
 
 
 def _resolution(res: str) -> tuple[int, int]:
@@ -59,8 +78,11 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     # never runs the VAE encoder ("" = encode the pixel composites every step). vae_sample: x0 latents are a
     # fresh posterior sample per step (the reference's `.sample()`), False: the posterior mean.
     # source: "videomatte" (fg_dir + bg_dir, both required) or "procedural" (toy data, only by name; runlocal).
+    # num_threads: reader threads; num_workers: worker processes making composites (grain, spawned), for hosts whose
+    # threads cannot keep up (the composites are numpy/scipy work that mostly holds the GIL).
     c.input = dict(source="videomatte", batch_size=1, frames=a["frames"], height=height, width=width,
-                   num_threads=4, fg_dir="", bg_dir="", conditioning_cache="", latent_cache="", vae_sample=True)
+                   num_threads=4, num_workers=0, fg_dir="", bg_dir="", conditioning_cache="", latent_cache="",
+                   vae_sample=True)
     # remat: trainable blocks that recompute their forward in the backward pass (-1 all, 0 none, n the first n
     # adapted ones); see EasyOmnimatte.__call__. Lower it for shorter clips, raise it if the step runs out of memory.
     # context_method: how the branch self-attention splits tokens over a mesh "context" axis > 1 (auto | ulysses |
@@ -91,8 +113,10 @@ def expert_config(expert: str, arg: str | None) -> ml_collections.ConfigDict:
     c.evals = dict(preview_steps=1000, export_formats=("omnijax", "kohya", "peft", "comfy"))
     # The preview's sampler (the expert being trained stands in for both experts there).
     c.sampler = dict(steps=4, tau=0.5)
+    if a["base"] == "small":
+        small_base(c, steps=1500)
     if a["runlocal"]:
-        c.input.update(source="procedural", frames=9, height=64, width=64, num_threads=0)
+        c.input.update(source="procedural", batch_size=1, frames=9, height=64, width=64, num_threads=0, num_workers=0)
         c.model.update(variant="tiny-inp", dtype="f32", remat=0, attention="xla")
         c.model_init = dict(dit="tiny", vae="tiny", umt5="tiny", clip="tiny", tokenizer="tiny")
         c.lora.update(rank=4, alpha=4.0)

@@ -37,7 +37,7 @@ from typing import Any
 
 from flax import nnx
 
-TASKS = {"omnimatte": "tasks.omnimatte"}
+TASKS = {"omnimatte": "tasks.omnimatte", "inpaint": "tasks.inpaint"}
 PROTOCOL = ("build", "input_pipeline", "make_batch", "loss", "make_preview", "export")
 
 

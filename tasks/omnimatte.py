@@ -192,7 +192,7 @@ def make_input(config, *, seed: int):
     else:
         source, keys = pixel_source(config, seed=seed), PIXEL_KEYS
     return make_pipeline(source, batch_size=inp.batch_size // jax.process_count(), seed=seed, keys=keys,
-                         num_threads=inp.num_threads), cached
+                         num_threads=inp.num_threads, num_workers=inp.get("num_workers", 0)), cached
 
 
 def input_pipeline(config, *, seed: int):
@@ -233,10 +233,16 @@ def to_global(tree, sharding):
 
 def make_batch(models: Models, config, mesh):
     """fn(host batch, key) -> the step's batch: x0 latents, condition y, text context and CLIP features."""
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    cond = models.frozen["conditioner"]
     prepare = make_prepare(models.frozen["vae"], cached=bool(config.input.latent_cache),
                            sample=config.input.vae_sample)
+    return conditioned_batch_fn(prepare, models, config, mesh)
+
+
+def conditioned_batch_fn(prepare, models: Models, config, mesh):
+    """fn(host batch, key) -> prepare(global arrays, key) plus the empty prompt's text context and the CLIP
+    features of each clip's first frame: the conditioning every Wan Fun-InP task (experts, base) trains with."""
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    cond = models.frozen["conditioner"]
     local = config.input.batch_size // jax.process_count()
     # The paper trains without text: every example gets the empty prompt's embedding.
     context = to_global(np.stack(cond.text([""]) * local), split)

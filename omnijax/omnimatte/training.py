@@ -73,3 +73,60 @@ def expert_loss(model, batch, rng, *, shift: float = 5.0, max_abs_error: float |
     _, v_alpha = model(z_b, fm["x_t"], fm["timesteps"], batch["context"], batch["clip"], batch["y"], train=True,
                        remat=remat, attention_backend=attention_backend)
     return flow_matching_loss(v_alpha, fm["target"], max_abs_error=max_abs_error)
+
+
+# ------------------------------------------------------------------ the base: Fun-InP-style background inpainting
+
+EFFECT_THRESHOLD = 0.1  # alpha above this is part of the layer to remove (data.composite's effect_threshold)
+
+
+def inpaint_pixels(batch, masked):
+    """The inpainting condition in pixels: (removal mask m [B, F, H, W], input video [B, F, H, W, 3] in [-1, 1]).
+
+    Two forms, chosen per sample by `masked` [B] bool:
+      masked (Fun-InP): m removes the dilated object AND its effect (alpha > EFFECT_THRESHOLD), and the video is
+        black (-1, as Fun-InP's masked video) wherever m removes: the model inpaints a hole;
+      unmasked (the form the omnimatte sampler feeds the base, omnijax.omnimatte.decompose): m removes the dilated
+        coarse object mask only and the video is the whole composite: the model must also find and remove the
+        shadow outside the mask (Casper's effect removal, which the Effect Expert builds on).
+    Both use removal_mask's trimask (1 remove, 127/255 elsewhere), as the sampler does.
+    """
+    obj = jax.vmap(removal_mask)(batch["mask"])
+    region = jnp.maximum(batch["mask"], (batch["alpha"] > EFFECT_THRESHOLD).astype(jnp.float32))
+    m = jnp.where(masked[:, None, None, None], jax.vmap(removal_mask)(region), obj)
+    video = batch["video"] * 2.0 - 1.0
+    hole = (masked[:, None, None, None] & (m >= 1.0))[..., None]
+    return m, jnp.where(hole, -1.0, video)
+
+
+def inpaint_inputs(vae, batch, key, *, masked_prob: float, sample: bool):
+    """Pixel batch {video, background [B, F, H, W, 3], mask, alpha [B, F, H, W]} -> dict(x0 = the clean
+    background's latent [B, T, h, w, 16], y = [latent mask ; latent of the input video] [B, T, h, w, 20]).
+
+    key: split into the form choice (masked with probability `masked_prob`) and the two posterior draws.
+    """
+    k_form, k_bg, k_video = jax.random.split(key, 3)
+    masked = jax.random.uniform(k_form, (batch["video"].shape[0],)) < masked_prob
+    m, video = inpaint_pixels(batch, masked)
+
+    def latent(x, k):
+        mean, logvar = vae.posterior(x)
+        return sample_posterior(mean, logvar, k) if sample else mean.astype(jnp.float32)
+
+    return dict(x0=latent(batch["background"] * 2.0 - 1.0, k_bg),
+                y=condition_y(latent_mask(m), latent(video, k_video)))
+
+
+def inpaint_loss(model, batch, rng, *, shift: float = 5.0, max_abs_error: float | None = 50.0,
+                 remat: bool = False, attention_backend: str = "auto"):
+    """Flow-matching loss of a Wan Fun-InP DiT whose x0 is the clean background latent.
+
+    Args:
+      batch: dict(x0 [B, T, h, w, 16], y [B, T, h, w, 20], context [B, L, D], clip [B, 257, D]).
+    Returns:
+      scalar f32.
+    """
+    fm = flow_matching_inputs(rng, batch["x0"], shift=shift)
+    v = model(fm["x_t"], fm["timesteps"], batch["context"], batch["clip"], batch["y"],
+              attention_backend=attention_backend, remat=remat)
+    return flow_matching_loss(v, fm["target"], max_abs_error=max_abs_error)

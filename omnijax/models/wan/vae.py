@@ -94,11 +94,14 @@ class VAEConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-_VAE_VARIANTS = {"wan2.1": {}, "tiny": dict(base_dim=8)}
+# "small": the Wan layout at base dim 16 (1/36 of the parameters), trained from scratch by
+# benchmarks/learn_omnimatte.py (omnijax.training.autoencoder) since no published VAE can be downloaded here.
+_VAE_VARIANTS = {"wan2.1": {}, "small": dict(base_dim=16), "tiny": dict(base_dim=8)}
 
 
 def vae_variant(name: str, **overrides) -> VAEConfig:
-    """"wan2.1" (the published VAE) or "tiny" (base dim 8, same layout, for tests); overrides replace fields."""
+    """"wan2.1" (the published VAE), "small" (base dim 16) or "tiny" (base dim 8, same layout, for tests); overrides
+    replace fields."""
     if name not in _VAE_VARIANTS:
         raise ValueError(f"unknown VAE variant {name!r}; known: {', '.join(_VAE_VARIANTS)}")
     return VAEConfig(**{**_VAE_VARIANTS[name], **overrides})

@@ -55,6 +55,11 @@ class WanConfig:
 
 _SIZES = {
     "tiny": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, image_dim=32, freq_dim=32),
+    # Between tiny and 1.3B, for the from-scratch learning check (benchmarks/learn_omnimatte.py): trains in minutes
+    # on one GPU at 17x128x128. text_dim / image_dim are the widths of the tiny umT5 / CLIP stand-ins (models/wan/
+    # umt5.py, clip.py "tiny"): no published encoder can be downloaded here, so the text and image features are
+    # those of fixed random encoders (the empty prompt's embedding is a constant).
+    "small": dict(dim=256, ffn_dim=768, num_heads=4, num_layers=8, text_dim=32, image_dim=32),
     "1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
 }
