@@ -150,14 +150,27 @@ def main(argv=None) -> int:
 
     result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "steps": a.steps,
               "clip": f"{frames}x{h}x{w}, 2 objects", "checkpoints_written_s": round(checkpoints_s, 1)}
-    for name in ("first_run", "second_run"):
-        result[name] = run_cli(common + clip_args(0, os.path.join(work, f"out_{name}")), env)
-        print(f"{name}: {result[name]['wall_s']} s", file=sys.stderr)
     batch = [x for i in range(a.batch) for x in clip_args(i, os.path.join(work, f"out_batch{i}"))]
-    result["batch"] = run_cli(common + batch, env)
-    print(f"batch of {a.batch}: {result['batch']['wall_s']} s", file=sys.stderr)
+    runs = (("first_run", common + clip_args(0, os.path.join(work, "out_first_run"))),
+            ("second_run", common + clip_args(0, os.path.join(work, "out_second_run"))), ("batch", common + batch))
+    for name, argv_cli in runs:
+        result[name] = run_cli(argv_cli, env)
+        stages = result[name]["reports"][0]["timings_s"]
+        print(f"{name}: {result[name]['wall_s']} s command to exit ({result[name]['clips']} clip(s)); first clip: "
+              f"load {result[name]['reports'][0]['load_models_s']} s, "
+              + ", ".join(f"{k} {v}" for k, v in stages.items() if v is not None), file=sys.stderr, flush=True)
+        save_partial(result)  # a run cut off by a time limit keeps the runs before it
     emit("bench_decompose_cli", result)
     return 0
+
+
+def save_partial(result: dict) -> None:
+    out = os.environ.get("OUT")
+    if out:
+        from omnijax.io.atomic import atomic_write
+
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, "bench_decompose_cli.json"), json.dumps(result, indent=1, default=float))
 
 
 if __name__ == "__main__":
