@@ -54,8 +54,8 @@ def settings(args) -> dict:
     tiny = args.tiny
     s = dict(frames=9 if tiny else 17, height=32 if tiny else 128, width=32 if tiny else 128,
              dit="tiny-inp" if tiny else "small-inp", vae="tiny" if tiny else "small",
-             vae_steps=2 if tiny else 2000, vae_lr=1e-3, vae_batch=1 if tiny else 3, kl_weight=1e-3,
-             vae_crop=(9, 32, 32) if tiny else (9, 64, 64),
+             vae_steps=2 if tiny else 4000, vae_lr=1e-3, vae_batch=1 if tiny else 3, kl_weight=1e-3,
+             vae_crop=(9, 32, 32) if tiny else (9, 64, 64), vae_pool=2 if tiny else 192,
              base_steps=2 if tiny else 2500, base_lr=5e-4, base_batch=1 if tiny else 8,
              expert_steps=2 if tiny else 1000, expert_lr=1e-3, expert_batch=1 if tiny else 4,
              eval_clips=1 if tiny else 20, sampler_steps=1 if tiny else 8, analysis_samples=1 if tiny else 32,
@@ -106,23 +106,29 @@ def stage_vae(s, wd, log) -> dict:
             save_pretrained(os.path.join(wd, name), registry.load(kind, "tiny", dtype="f32", seed=seed)[1], kind,
                             source="tiny random stand-in (no published encoder can be downloaded)")
     vae = WanVAE(vae_variant(s["vae"]), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
-    pipe = make_pipeline(composites(s, seed=0), batch_size=s["vae_batch"], seed=0,
-                         keys=("video", "background", "alpha"), num_threads=0 if s["workers"] else 2,
-                         num_workers=s["workers"])
+    # A pool of composites made once, then random crops of it: made per step, the composites bounded the step
+    # (about 11 steps/s on the H200 with the host shared, 2026-11-29), and the VAE needs many more steps than clips.
+    pipe = make_pipeline(composites(s, seed=0), batch_size=1, seed=0, keys=("video", "background", "alpha"),
+                         num_threads=0 if s["workers"] else 2, num_workers=s["workers"])
+    t0, pool, it = time.perf_counter(), [], iter(pipe)
+    for _ in range(s["vae_pool"]):
+        # Each composite gives three clips: the video, its background and its alpha as a grey video.
+        b = next(it)
+        pool += [b["video"][0], b["background"][0], np.repeat(b["alpha"][0][..., None], 3, -1)]
+    pool = np.stack(pool).astype(np.float32) * 2.0 - 1.0
+    log(f"vae: a pool of {s['vae_pool']} composites ({len(pool)} clips) in {time.perf_counter() - t0:.1f}s")
 
     crop_f, crop_h, crop_w = s["vae_crop"]
     rng = np.random.default_rng(0)
 
     def batches():
-        # Each composite gives three clips: the video, its background and its alpha as a grey video. The VAE is
-        # convolutional (its attention is per frame), so it trains on random crops: a quarter of the pixels and
-        # half the frames cost an eighth of the full clip's step.
-        for b in pipe:
-            a = np.repeat(b["alpha"][..., None], 3, -1)
-            x = np.concatenate([b["video"], b["background"], a])
+        # The VAE is convolutional (its attention is per frame), so it trains on random crops: a quarter of the
+        # pixels and half the frames cost an eighth of the full clip's step.
+        while True:
+            x = pool[rng.integers(0, len(pool), s["vae_batch"] * 3)]
             f0 = int(rng.integers(0, x.shape[1] - crop_f + 1))
             y0, x0 = (int(rng.integers(0, n - c + 1)) for n, c in zip(x.shape[2:4], (crop_h, crop_w)))
-            yield x[:, f0:f0 + crop_f, y0:y0 + crop_h, x0:x0 + crop_w] * 2.0 - 1.0
+            yield x[:, f0:f0 + crop_f, y0:y0 + crop_h, x0:x0 + crop_w]
 
     history = fit_autoencoder(vae, batches(), steps=s["vae_steps"], lr=s["vae_lr"], kl_weight=s["kl_weight"],
                               log_every=max(1, s["vae_steps"] // 50), log=log)
@@ -379,7 +385,7 @@ def _args(argv=None):
     p.add_argument("--markdown", metavar="JSON", help="print the docs table of a learn_omnimatte.json and exit")
     for k, t in (("vae_steps", int), ("vae_lr", float), ("base_steps", int), ("base_lr", float),
                  ("expert_steps", int), ("expert_lr", float), ("eval_clips", int), ("sampler_steps", int),
-                 ("workers", int), ("analysis_samples", int)):
+                 ("workers", int), ("analysis_samples", int), ("vae_pool", int)):
         p.add_argument("--" + k.replace("_", "-"), dest=k, type=t, default=None, help="(default: see settings())")
     a = p.parse_args(argv)
     if not a.markdown and not (a.workdir and a.out):
