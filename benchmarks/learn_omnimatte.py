@@ -46,6 +46,7 @@ STAGES = ("vae", "base", "analysis", "effect", "quality", "effect_k", "eval")
 # step, tau = 0: the Effect Expert does (omnijax.sampling.schedules.switch_index).
 ROWS = (("Quality Expert alone (tau=1)", 1.0, "effect"), ("Effect Expert alone (tau=0)", 0.0, "effect"),
         ("dual experts, tau=0.5", 0.5, "effect"))
+VAE_ROW = "ceiling: true alpha and background through the VAE"
 METRICS = ("alpha_mae", "alpha_iou", "shadow_recall", "bg_psnr_masked", "recomp_psnr")
 
 
@@ -261,6 +262,18 @@ def _mean(rows) -> dict:
     return out
 
 
+def vae_round_trip(wd):
+    """fn(video [F, H, W, 3] in [0, 1]) -> its reconstruction in [-1, 1] by the stage-vae VAE (posterior mean)."""
+    import jax.numpy as jnp
+
+    from converters import registry
+    from omnijax.omnimatte.decompose import jit_module_fn
+
+    vae = registry.load("wan_vae", _models(wd)["vae"], dtype="f32")[1]
+    run = jit_module_fn(vae, lambda m, v: m.decode(m.encode(v)))
+    return lambda video: np.asarray(run(jnp.asarray(video, jnp.float32)[None] * 2.0 - 1.0))[0]
+
+
 def decomposer(wd, effect_run: str):
     from flax import nnx
 
@@ -286,6 +299,7 @@ def decomposer(wd, effect_run: str):
 
 
 def stage_eval(s, wd, log, *, k_run: bool) -> dict:
+    from omnijax.omnimatte.alpha import video_to_alpha
     from omnijax.omnimatte.decompose import SamplerSettings, decompose_video
 
     data = composites(s, seed=EVAL_SEED)
@@ -293,12 +307,19 @@ def stage_eval(s, wd, log, *, k_run: bool) -> dict:
     rows = [("mask as alpha (no model)", None, None)] + list(ROWS)
     if k_run:
         rows.append(("dual, tau=0.5, Effect K from analysis", 0.5, "effect_k"))
+    rows.append((VAE_ROW, None, None))
     per_row = {name: [] for name, _, _ in rows}
     sheet = []
     decs = {}
+    round_trip = vae_round_trip(wd)
     for i, gt in enumerate(clips):
         per_row[rows[0][0]].append(clip_metrics(gt["mask"], gt["video"], None, gt))
-        for name, tau, run in rows[1:]:
+        # The ceiling of every latent model here: the true alpha and background through the trained VAE.
+        # (decoded as the sampler decodes: the alpha is video_to_alpha of the decoded grey video)
+        per_row[VAE_ROW].append(clip_metrics(
+            np.asarray(video_to_alpha(round_trip(np.repeat(gt["alpha"][..., None], 3, -1)))),
+            np.clip((round_trip(gt["background"]) + 1.0) * 0.5, 0.0, 1.0), None, gt))
+        for name, tau, run in rows[1:-1]:
             if run not in decs:
                 decs[run] = decomposer(wd, run)
             layers = decompose_video(decs[run], gt["video"], gt["mask"][None],
