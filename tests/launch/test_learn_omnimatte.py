@@ -26,7 +26,8 @@ def test_tiny_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "learn_omnimatte.json").read_text())
     assert [row["row"] for row in res["table"]] == ["mask as alpha (no model)", "Quality Expert alone (tau=1)",
-                                                   "Effect Expert alone (tau=0)", "dual experts, tau=0.5"]
+                                                   "Effect Expert alone (tau=0)", "dual experts, tau=0.5",
+                                                   "ceiling: true alpha and background through the VAE"]
     assert res["table"][0]["shadow_recall"] == 0.0  # the coarse mask never covers the shadow
     assert set(res["curves"]) == {"vae", "base", "effect", "quality"} and all(res["curves"].values())
     assert set(res["stage_seconds"]) == {"vae", "base", "effect", "quality", "eval"}
