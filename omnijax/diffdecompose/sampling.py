@@ -80,7 +80,8 @@ class Decomposer:
     """Compiled pieces (encode, sample, decode) reused across calls; one per (model, VAE).
 
     `__call__(composite [B, H, W, 3] in [0, 1], txt [B, S, D], y [B, V])` -> dict(foreground, background
-    [B, H, W, 3] in [0, 1] f32 numpy, timings {encode_s, sample_s, decode_s}).
+    [B, H, W, 3] in [0, 1] f32 numpy, timings {encode_s, sample_s, decode_s}); `latents(...)` stops before the
+    decoder (the layers in the DiT's latent space, as the trainer's x0 targets are).
     """
 
     def __init__(self, model: DiffDecomposer, vae: FluxVAE, *, num_steps: int = 28, guidance: float = 3.5,
@@ -89,7 +90,9 @@ class Decomposer:
         self.num_steps, self.guidance, self.mu_tokens = int(num_steps), float(guidance), mu_tokens
         self.attention_backend = attention_backend
 
-    def __call__(self, composite, txt, y, *, seed: int = 0) -> dict:
+    def latents(self, composite, txt, y, *, seed: int = 0) -> dict:
+        """The sampled layers before decoding: dict(foreground, background, composite: packed latents [B, L, P]
+        f32 (the composite's as the model saw it), grid (h, w), timings {encode_s, sample_s})."""
         composite = np.asarray(composite, np.float32)
         if composite.ndim != 4 or composite.shape[-1] != 3:
             raise ValueError(f"composite must be [B, H, W, 3], got shape {composite.shape}")
@@ -110,8 +113,13 @@ class Decomposer:
                                                    jnp.full((b,), self.guidance, F32), (h, w),
                                                    self.attention_backend))
         timings["sample_s"] = time.perf_counter() - t0
+        return dict(foreground=x_fg, background=x_bg, composite=z_c, grid=(h, w), timings=timings)
+
+    def __call__(self, composite, txt, y, *, seed: int = 0) -> dict:
+        out = self.latents(composite, txt, y, seed=seed)
+        (h, w), timings = out["grid"], out["timings"]
         t0 = time.perf_counter()
-        fg = np.asarray(_decode(self.vae, x_fg, h, w))
-        bg = np.asarray(_decode(self.vae, x_bg, h, w))
+        fg = np.asarray(_decode(self.vae, out["foreground"], h, w))
+        bg = np.asarray(_decode(self.vae, out["background"], h, w))
         timings["decode_s"] = time.perf_counter() - t0
         return dict(foreground=np.clip(fg, 0, 1), background=np.clip(bg, 0, 1), timings=timings)
