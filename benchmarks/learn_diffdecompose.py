@@ -72,7 +72,7 @@ def learn_config(args, workdir: str):
     if args.opacity:
         c.input.opacity = tuple(float(v) for v in args.opacity.split(","))
     if args.sampler_steps:
-        c.sampler.steps = c.evals.preview_sampler_steps = args.sampler_steps
+        c.sampler.steps = args.sampler_steps
     return c
 
 

@@ -106,8 +106,9 @@ def get_config(arg=None):
     c.keep_ckpt = 3
     # export_formats: omnijax.models.flux.lora_files.FORMATS. peft loads in both diffusers loaders at the right scale
     # (alpha folded), comfy in ComfyUI, kohya in sd-scripts (README, "LoRA files").
-    c.evals = dict(preview_steps=2000, preview_sampler_steps=28, export_formats=("omnijax", "peft", "comfy", "kohya"))
-    # Sampling: guidance on the noisy layers and text; mu of the time shift from one layer's tokens or both.
+    c.evals = dict(preview_steps=2000, export_formats=("omnijax", "peft", "comfy", "kohya"))
+    # Sampling (the trainer's previews): guidance on the noisy layers and text; mu of the time shift from one layer's
+    # tokens or both.
     c.sampler = dict(steps=28, guidance=3.5, mu_tokens="layer")
     if a["learn"]:
         learn_preset(c, tiny=bool(a["runlocal"]))
@@ -121,7 +122,8 @@ def get_config(arg=None):
         c.lora.update(rank=4, alpha=4.0)
         c.mesh = dict(data=1, fsdp=1, context=1, tensor=1)
         c.total_steps, c.log_steps, c.ckpt_steps = 4, 1, 2
-        c.evals.update(preview_steps=4, preview_sampler_steps=2)
+        c.evals.update(preview_steps=4)
+        c.sampler.steps = 2
     return c
 
 
@@ -148,5 +150,5 @@ def learn_preset(c, *, tiny: bool) -> None:
     c.total_steps = 4 if tiny else 2000
     c.log_steps = 1 if tiny else 10
     c.ckpt_steps = c.total_steps  # one checkpoint, at the end (the evaluation restores it)
-    c.evals.update(preview_steps=c.total_steps, preview_sampler_steps=2 if tiny else 28, export_formats=("omnijax",))
+    c.evals.update(preview_steps=c.total_steps, export_formats=("omnijax",))
     c.sampler.steps = 2 if tiny else 28

@@ -2,8 +2,8 @@
 
 Config keys read here (configs/diffdecompose.py): input.*, prompt.*, text.max_length, model.{dtype, remat,
 attention, dit_variant, param_dtype, vae_dtype}, train_base, model_init.{dit, vae, t5, clip, t5_tokenizer,
-clip_tokenizer, lora}, lora.*, icd.*, loss.{t_sampling, guidance, weights}, sampler.{guidance, mu_tokens},
-evals.{preview_sampler_steps, export_formats}, sharding_rules, seed.
+clip_tokenizer, lora}, lora.*, icd.*, loss.{t_sampling, guidance, weights}, sampler.{steps, guidance, mu_tokens}
+(the preview's sampler, as in the omnimatte task), evals.export_formats, sharding_rules, seed.
 
 One step: AlphaBlend host batch {composite, foreground, background [B, H, W, 3] in [0, 1], subtask [B]} ->
 `make_batch` (frozen, jitted: the Flux VAE encodes the three images; the subtask's prompt embedding is a row of
@@ -303,7 +303,7 @@ def make_preview(models: Models, config):
     sample = dataset(config, seed=config.seed + 7919, length=1)[0]
     sub = int(sample["subtask"])
     txt, y = models.frozen["txt"][sub:sub + 1], models.frozen["y"][sub:sub + 1]
-    dec = Decomposer(models.trainable, models.frozen["vae"], num_steps=int(config.evals.preview_sampler_steps),
+    dec = Decomposer(models.trainable, models.frozen["vae"], num_steps=int(config.sampler.steps),
                      guidance=float(config.sampler.guidance), mu_tokens=config.sampler.mu_tokens,
                      attention_backend=config.model.attention)
 
