@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import emit, save  # noqa: E402
 
 
 def write_checkpoints(folder: str, tiny: bool) -> dict:
@@ -159,18 +159,9 @@ def main(argv=None) -> int:
         print(f"{name}: {result[name]['wall_s']} s command to exit ({result[name]['clips']} clip(s)); first clip: "
               f"load {result[name]['reports'][0]['load_models_s']} s, "
               + ", ".join(f"{k} {v}" for k, v in stages.items() if v is not None), file=sys.stderr, flush=True)
-        save_partial(result)  # a run cut off by a time limit keeps the runs before it
+        save("bench_decompose_cli", result)  # a run cut off by a time limit keeps the runs before it
     emit("bench_decompose_cli", result)
     return 0
-
-
-def save_partial(result: dict) -> None:
-    out = os.environ.get("OUT")
-    if out:
-        from omnijax.io.atomic import atomic_write
-
-        os.makedirs(out, exist_ok=True)
-        atomic_write(os.path.join(out, "bench_decompose_cli.json"), json.dumps(result, indent=1, default=float))
 
 
 if __name__ == "__main__":

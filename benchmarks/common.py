@@ -57,14 +57,20 @@ def wan_forward_flops(n_tokens: int, dim: int, ffn: int, layers: int, ctx_tokens
     return float(layers * per_block)
 
 
-def emit(name: str, result: dict):
-    """Prints the result as JSON and, when $OUT is set, writes it atomically to $OUT/<name>.json."""
+def save(name: str, result: dict) -> str:
+    """When $OUT is set, writes the result atomically to $OUT/<name>.json (e.g. after each part of a long run, so a
+    run cut off by a time limit keeps what it measured). Returns the JSON text."""
     text = json.dumps(result, indent=1, default=float)
-    print(text)
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, f"{name}.json"), text)
+    return text
+
+
+def emit(name: str, result: dict):
+    """Prints the result as JSON and saves it (see `save`)."""
+    print(save(name, result))
 
 
 def random_module(ctor, seed: int = 0):
