@@ -95,3 +95,29 @@ def random_module(ctor, seed: int = 0):
             arr = jnp.ones(v.shape, v.dtype) if path[-1] == "scale" else jnp.zeros(v.shape, v.dtype)
         leaves.append((path, var.replace(arr)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def plot_curves(path: str, panels: list) -> None:
+    """Loss curves as one PNG, written atomically: `panels` = [(title, {label: [[step, value], ...]})], one axis
+    each, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels) + 0.4, 3.4), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels):
+        for label, curve in curves.items():
+            if curve:
+                x, y = np.asarray(curve, np.float64).T
+                ax.plot(x, y, label=label, lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        if len(curves) > 1:
+            ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

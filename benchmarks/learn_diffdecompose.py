@@ -253,30 +253,10 @@ def table(result: dict) -> str:
 
 
 def loss_plot(path: str, curve: list, vae_curve: list) -> None:
-    """A plain PNG of the loss curves (no plotting library on the GPU image): DiT loss, and the VAE's."""
-    from PIL import Image, ImageDraw
+    """The loss curves (DiT flow matching, and the VAE's L1 + KL) as one PNG."""
+    from benchmarks.common import plot_curves
 
-    from omnijax.io.video import write_image
-
-    W, H, pad = 640, 240, 36
-    page = Image.new("RGB", (W * 2, H), "white")
-    draw = ImageDraw.Draw(page)
-    for p, (title, pts) in enumerate((("DiT flow-matching loss", curve), ("VAE loss (L1 + KL)", vae_curve))):
-        x0 = p * W
-        draw.rectangle([x0 + pad, pad // 2, x0 + W - pad // 2, H - pad], outline="black")
-        draw.text((x0 + pad + 4, pad // 2 + 4), title, fill="black")
-        if len(pts) < 2:
-            continue
-        xs, ys = np.array([q[0] for q in pts], float), np.array([q[1] for q in pts], float)
-        lo, hi = float(ys.min()), float(ys.max()) + 1e-12
-        px = x0 + pad + (xs - xs[0]) / max(xs[-1] - xs[0], 1) * (W - 1.5 * pad)
-        py = H - pad - (ys - lo) / (hi - lo) * (H - 1.5 * pad)
-        draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=(200, 30, 30), width=2)
-        draw.text((x0 + 2, pad // 2), f"{hi:.3g}", fill="black")
-        draw.text((x0 + 2, H - pad - 10), f"{lo:.3g}", fill="black")
-        draw.text((x0 + pad, H - pad + 4), f"step {int(xs[0])}", fill="black")
-        draw.text((x0 + W - pad - 60, H - pad + 4), f"step {int(xs[-1])}", fill="black")
-    write_image(path, np.asarray(page))
+    plot_curves(path, [("DiT flow-matching loss", {"DiT": curve}), ("VAE loss (L1 + KL)", {"VAE": vae_curve})])
 
 
 def main(argv=None):

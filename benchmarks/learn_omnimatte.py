@@ -352,29 +352,12 @@ def write_sheet(path, sheet):
 
 
 def write_curves(path, stages):
-    import matplotlib
+    from benchmarks.common import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("VAE (L1 + KL)", ["vae"]), ("inpainting base (flow matching)", ["base"]),
-              ("experts (alpha flow matching)", ["effect", "quality", "effect_k"])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, (title, names) in zip(axes, panels):
-        for n in names:
-            curve = (stages.get(n) or {}).get("curve") or []
-            if curve:
-                x, y = np.asarray(curve, np.float64).T
-                ax.plot(x, y, label=n, lw=1)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    curve = lambda n: (stages.get(n) or {}).get("curve") or []
+    plot_curves(path, [("VAE (L1 + KL)", {"vae": curve("vae")}),
+                       ("inpainting base (flow matching)", {"base": curve("base")}),
+                       ("experts (alpha flow matching)", {n: curve(n) for n in ("effect", "quality", "effect_k")})])
 
 
 def markdown(result: dict) -> str:
