@@ -16,7 +16,7 @@ Stages (each skipped when --workdir already holds its result, so a rerun resumes
          background RMSE x256 (LOGO), masked RMSE x256 (inside the mark), PSNR of the predicted background vs the
          truth, beside the trivial baseline, the copy and the ceiling (COMPARE below); the foreground layer's
          RMSE / PSNR and its VAE ceiling. -> WORKDIR/eval.json, eval_sheet.npz
-A workdir belongs to one setting (--opacity, sizes): use another workdir for another.
+A workdir belongs to one setting (--opacity, --mark-size, sizes): use another workdir for another.
 The text encoders are the tiny random stand-ins: with one subtask the prompt embedding is a constant input.
 
 --out gets learn_diffdecompose.json (table, loss curve, settings, stage times), loss.png, sheet.png, log.txt.
@@ -71,6 +71,8 @@ def learn_config(args, workdir: str):
     c.evals.preview_steps = c.total_steps + 1  # no trainer preview: the eval stage samples the same model
     if args.opacity:
         c.input.opacity = tuple(float(v) for v in args.opacity.split(","))
+    if args.mark_size:
+        c.input.watermark_size = tuple(float(v) for v in args.mark_size.split(","))
     if args.sampler_steps:
         c.sampler.steps = args.sampler_steps
     return c
@@ -246,6 +248,7 @@ def table(result: dict) -> str:
               f"Loss (flow matching, mean of the first / last {t['window']} logged steps): {t['loss_first']:.4f} -> "
               f"{t['loss_last']:.4f}. {s['dit']} DiT ({s['dit_params'] / 1e6:.1f} M params) from scratch, "
               f"{s['steps']} steps of batch {s['batch']} at {s['size']}, opacity {s['opacity']}, "
+              f"mark side {s.get('mark_size', 'paper (96, 128) at 512 px')}, "
               f"{s['sampler_steps']} sampler steps; "
               f"VAE {s['vae_variant']} {s['vae_steps']} steps. Stage times (s): "
               + ", ".join(f"{k} {sec}" for k, sec in result["stage_s"].items()) + f"; device: {result['device']}."]
@@ -274,6 +277,9 @@ def main(argv=None):
     p.add_argument("--vae-variant", default="tiny", help="omnijax.models.flux.vae variant row")
     p.add_argument("--opacity", default="", help="LO,HI: the marks' opacity range instead of the paper's "
                    "(0.1, 0.25), e.g. 0.4,0.8 for marks a latent model can beat the composite on")
+    p.add_argument("--mark-size", default="", help="LO,HI: the watermark box's side in pixels at 512 px instead of "
+                   "the paper's 96,128 (scaled to the 128 px images), e.g. 256,448 for marks over a quarter to "
+                   "three quarters of the image")
     p.add_argument("--num-eval", type=int, default=0, help="held-out samples (0: 32, --tiny 2)")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--sheet-rows", type=int, default=6)
@@ -292,13 +298,14 @@ def main(argv=None):
     for name in ("steps", "vae_steps", "vae_pool", "num_eval", "eval_batch"):
         if getattr(args, name) < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.opacity:
-        try:
-            lo, hi = (float(v) for v in args.opacity.split(","))
-        except ValueError:
-            p.error(f"--opacity {args.opacity!r}: expected LO,HI (two numbers)")
-        if not 0 < lo <= hi <= 1:
-            p.error(f"--opacity {args.opacity!r}: need 0 < LO <= HI <= 1")
+    for flag, value, top in (("opacity", args.opacity, 1), ("mark-size", args.mark_size, 512)):
+        if value:
+            try:
+                lo, hi = (float(v) for v in value.split(","))
+            except ValueError:
+                p.error(f"--{flag} {value!r}: expected LO,HI (two numbers)")
+            if not 0 < lo <= hi <= top:
+                p.error(f"--{flag} {value!r}: need 0 < LO <= HI <= {top}")
     if args.vae_steps < 2 or args.steps == 1:  # (fit_autoencoder's and the trainer's warmup + cosine need 2)
         p.error("--vae-steps and --steps must be at least 2")
 
@@ -347,6 +354,7 @@ def main(argv=None):
                       steps=int(config.total_steps), batch=int(config.input.batch_size),
                       size=f"{config.input.width}x{config.input.height}", subtasks=list(config.input.subtasks),
                       opacity=list(config.input.opacity) or "paper (0.1, 0.25)",
+                      mark_size=list(config.input.watermark_size) or "paper (96, 128) at 512 px",
                       lr=float(config.lr), sampler_steps=int(config.sampler.steps),
                       guidance=float(config.sampler.guidance), vae_variant=args.vae_variant,
                       vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_pool=args.vae_pool,

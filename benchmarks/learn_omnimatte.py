@@ -55,7 +55,8 @@ def settings(args) -> dict:
     tiny = args.tiny
     s = dict(frames=9 if tiny else 17, height=32 if tiny else 128, width=32 if tiny else 128,
              dit="tiny-inp" if tiny else "small-inp", vae="tiny" if tiny else "small",
-             vae_steps=2 if tiny else 4000, vae_lr=1e-3, vae_batch=1 if tiny else 3, kl_weight=1e-3,
+             vae_steps=2 if tiny else 4000, vae_seconds=None, vae_lr=1e-3, vae_batch=1 if tiny else 3,
+             kl_weight=1e-3,
              vae_crop=(9, 32, 32) if tiny else (9, 64, 64), vae_pool=2 if tiny else 192,
              base_steps=2 if tiny else 2500, base_lr=5e-4, base_batch=1 if tiny else 8,
              expert_steps=2 if tiny else 1000, expert_lr=1e-3, expert_batch=1 if tiny else 4,
@@ -132,7 +133,7 @@ def stage_vae(s, wd, log) -> dict:
             yield x[:, f0:f0 + crop_f, y0:y0 + crop_h, x0:x0 + crop_w]
 
     history = fit_autoencoder(vae, batches(), steps=s["vae_steps"], lr=s["vae_lr"], kl_weight=s["kl_weight"],
-                              log_every=max(1, s["vae_steps"] // 50), log=log)
+                              log_every=max(1, s["vae_steps"] // 50), log=log, max_seconds=s["vae_seconds"])
     save_pretrained(os.path.join(wd, "vae"), vae, "wan_vae", overwrite=True,
                     source="benchmarks/learn_omnimatte.py (trained from scratch)")
     return dict(curve=[[h["step"], h["loss"]] for h in history], final=history[-1])
@@ -387,8 +388,8 @@ def _args(argv=None):
     p.add_argument("--stage", default="all", help=f"all, or a comma list of {', '.join(STAGES)}")
     p.add_argument("--tiny", action="store_true", help="tiny models, a few steps: mechanics on a CPU")
     p.add_argument("--markdown", metavar="JSON", help="print the docs table of a learn_omnimatte.json and exit")
-    for k, t in (("vae_steps", int), ("vae_lr", float), ("base_steps", int), ("base_lr", float),
-                 ("expert_steps", int), ("expert_lr", float), ("eval_clips", int), ("sampler_steps", int),
+    for k, t in (("vae_steps", int), ("vae_seconds", float), ("vae_lr", float), ("base_steps", int),
+                 ("base_lr", float), ("expert_steps", int), ("expert_lr", float), ("eval_clips", int), ("sampler_steps", int),
                  ("workers", int), ("analysis_samples", int), ("vae_pool", int)):
         p.add_argument("--" + k.replace("_", "-"), dest=k, type=t, default=None, help="(default: see settings())")
     a = p.parse_args(argv)

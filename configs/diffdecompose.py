@@ -66,10 +66,12 @@ def get_config(arg=None):
     # vae_sample: train on a posterior draw of each image per step instead of the posterior mean.
     # latent_cache: a folder written by launch/cache_layer_latents.py; training then never runs the VAE encoder.
     # opacity: (low, high) replacing every subtask's opacity range of the procedural source; () = the paper's.
+    # watermark_size: (low, high) side of a watermark's box in pixels at 512 px (scaled to the size); () = the
+    # paper's 96-128.
     c.input = dict(source="logo" if a["logo"] else "procedural", subtasks=tuple(a["subtasks"].split("+")),
                    height=height, width=width, batch_size=1, num_threads=4, fg_dir="", bg_dir="",
                    fg_alpha="channel", logo_root=a["logo"], logo_split="train", conditioning_cache="",
-                   vae_sample=False, latent_cache="", opacity=())
+                   vae_sample=False, latent_cache="", opacity=(), watermark_size=())
     # The paper's template; descriptions: subtask -> (foreground, background, blending type).
     c.prompt = dict(template=PROMPT_TEMPLATE, descriptions={s: list(DESCRIPTIONS[s]) for s in SUBTASKS})
     c.text = dict(max_length=512)  # T5 tokens (dev's 512)

@@ -344,7 +344,8 @@ def dataset_from_config(inp, *, seed: int = 0, length: int = 10_000):
 
     inp.source: "procedural" (AlphaBlendDataset; `fg_dir` / `bg_dir` = "" keep the procedural layers, a folder
     replaces them for every subtask, `fg_alpha` as in RGBAFolderSource; `opacity` (low, high), if given, replaces
-    every subtask's opacity range) or "logo" (data.logo.LogoDataset of
+    every subtask's opacity range; `watermark_size` (low, high), if given, the watermark box's side in pixels at
+    512 px) or "logo" (data.logo.LogoDataset of
     `logo_root` / `logo_split` at height×width, which must be square).
     """
     if inp.source == "logo":
@@ -363,6 +364,12 @@ def dataset_from_config(inp, *, seed: int = 0, length: int = 10_000):
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"input.opacity must be (low, high) with 0 < low <= high <= 1, got {tuple(inp.opacity)}")
         cfg = dataclasses.replace(cfg, opacity=tuple((s, (lo, hi)) for s in SUBTASKS))
+    if inp.get("watermark_size"):  # (low, high) box side in pixels at reference_size, instead of the paper's
+        lo, hi = (float(v) for v in inp.watermark_size)
+        if not 0.0 < lo <= hi <= cfg.reference_size:
+            raise ValueError(f"input.watermark_size must be (low, high) with 0 < low <= high <= "
+                             f"{cfg.reference_size}, got {tuple(inp.watermark_size)}")
+        cfg = dataclasses.replace(cfg, watermark_size=(lo, hi))
     fg = RGBAFolderSource(inp.fg_dir, alpha=inp.get("fg_alpha", "channel")) if inp.get("fg_dir") else None
     bg = ImageFolderSource(inp.bg_dir) if inp.get("bg_dir") else None
     return AlphaBlendDataset(cfg, foregrounds=fg, backgrounds=bg, seed=seed, length=length)

@@ -65,12 +65,16 @@ def autoencoder_loss(vae, x, key, *, kl_weight: float):
 
 
 def fit_autoencoder(vae, batches: Iterator, *, steps: int, lr: float = 1e-3, kl_weight: float = 1e-3,
-                    seed: int = 0, log_every: int = 100, log: Callable[[str], None] = print) -> list[dict]:
+                    seed: int = 0, log_every: int = 100, log: Callable[[str], None] = print,
+                    max_seconds: float | None = None) -> list[dict]:
     """Trains every nnx.Param of `vae` in place with AdamW (cosine decay after 5 % warmup, clip 1.0).
 
     Args:
       batches: iterator of arrays in [-1, 1] of the VAE's input layout (see latent_posterior).
       steps: optimizer steps; one batch each.
+      max_seconds: stop after the first step that ends past this many seconds (checked at log steps, so a run
+        inside a fixed time slot ends cleanly); the schedule stays the one of `steps`, and the last row's
+        "step" says where it stopped.
     Returns:
       the metrics every `log_every` steps and at the last: [{"step", "loss", "l1", "kl", "latent_std", "s"}].
     """
@@ -90,6 +94,7 @@ def fit_autoencoder(vae, batches: Iterator, *, steps: int, lr: float = 1e-3, kl_
     key, history, t0 = jax.random.key(seed), [], time.perf_counter()
     for i in range(1, steps + 1):
         metrics = step(vae, optimizer, jnp.asarray(next(batches)), jax.random.fold_in(key, i))
+        late = max_seconds is not None and i % log_every == 0 and time.perf_counter() - t0 > max_seconds
         if i % log_every == 0 or i == steps or i == 1:
             row = {k: float(v) for k, v in metrics.items()}
             row.update(step=i, s=round(time.perf_counter() - t0, 1))
@@ -98,4 +103,7 @@ def fit_autoencoder(vae, batches: Iterator, *, steps: int, lr: float = 1e-3, kl_
             history.append(row)
             log(f"vae step {i}/{steps} loss {row['loss']:.4f} l1 {row['l1']:.4f} kl {row['kl']:.3f} "
                 f"latent std {row['latent_std']:.3f} ({row['s']:.0f}s)")
+        if late and i < steps:
+            log(f"vae: stopped at step {i} of {steps}: past the {max_seconds:.0f} s limit")
+            break
     return history

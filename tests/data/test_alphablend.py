@@ -203,3 +203,17 @@ def test_config_opacity_replaces_every_subtasks_range():
     c.input.opacity = (0.6, 0.5)
     with pytest.raises(ValueError, match="input.opacity"):
         ab.dataset_from_config(c.input, length=1)
+
+
+def test_config_watermark_size_sets_the_box_at_512_scaled_to_the_size():
+    from configs import diffdecompose
+
+    c = diffdecompose.get_config("subtasks=watermark,runlocal")
+    c.input.update(height=128, width=128, watermark_size=(256, 384))  # 64-96 px at 128 (x 128/512)
+    ds = ab.dataset_from_config(c.input, length=6)
+    for i in range(6):
+        p = ds[i]["params"]
+        assert 64 <= p["box_h"] <= 96 and p["box_w"] == p["box_h"]
+    c.input.watermark_size = (0, 100)
+    with pytest.raises(ValueError, match="input.watermark_size"):
+        ab.dataset_from_config(c.input, length=1)
