@@ -16,8 +16,8 @@ resumes from its own checkpoint):
            mask-as-alpha baseline, the Quality Expert alone (tau = 1), the Effect Expert alone (tau = 0), the
            dual-expert sampler at tau = 0.5 (and with the analysis' K)
 
-  python3 benchmarks/learn_omnimatte.py --workdir /tmp/learn20 --out $OUT/l20          # GPU, ~7-8 min on one H200
-  (or two calls on one warm machine: --stage vae,base,analysis, then --stage effect,quality,effect_k,eval)
+  python3 benchmarks/learn_omnimatte.py --workdir /tmp/learn20 --out $OUT/l20          # GPU, ~10 min on one H200
+  (in two device calls on one warm machine: --stage vae,base --vae-seconds 170, then the same without --stage)
   python3 benchmarks/learn_omnimatte.py --tiny --workdir /tmp/l20t --out /tmp/l20t/out  # CPU mechanics
   python3 benchmarks/learn_omnimatte.py --markdown $OUT/l20/learn_omnimatte.json        # the docs table
 
@@ -55,7 +55,7 @@ def settings(args) -> dict:
     tiny = args.tiny
     s = dict(frames=9 if tiny else 17, height=32 if tiny else 128, width=32 if tiny else 128,
              dit="tiny-inp" if tiny else "small-inp", vae="tiny" if tiny else "small",
-             vae_steps=2 if tiny else 4000, vae_seconds=None, vae_lr=1e-3, vae_batch=1 if tiny else 3,
+             vae_steps=2 if tiny else 4000, vae_seconds=None, vae_lr=2e-4, vae_batch=1 if tiny else 3,
              kl_weight=1e-3,
              vae_crop=(9, 32, 32) if tiny else (9, 64, 64), vae_pool=2 if tiny else 192,
              base_steps=2 if tiny else 2500, base_lr=5e-4, base_batch=1 if tiny else 8,
