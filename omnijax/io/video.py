@@ -235,19 +235,22 @@ def read_mask(path: str, *, max_frames: int | None = None, threshold: int | None
 # ----------------------------------------------------------------------------------------------- writers
 
 
-def _as_uint8(frame) -> np.ndarray:
+def to_uint8(frame) -> np.ndarray:
+    """uint8 as is; float in [0, 1] (the data pipeline's convention) -> round(255 x), clipped to 0..255."""
     a = np.asarray(frame)
     if a.dtype == np.uint8:
         return a
     if np.issubdtype(a.dtype, np.floating):
-        # Float frames are taken to be in [0, 1], the convention of the data pipeline.
-        return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+        t = np.multiply(a, 255.0, dtype=np.float32)  # one temporary, rounded and clipped in place
+        np.rint(t, out=t)
+        np.clip(t, 0, 255, out=t)
+        return t.astype(np.uint8)
     raise VideoError(f"frames must be uint8 or float in [0, 1], got {a.dtype}")
 
 
 def _frames(frames: np.ndarray | Iterable, channels: tuple[int, ...]) -> Iterator[np.ndarray]:
     for i, f in enumerate(frames):
-        f = _as_uint8(f)
+        f = to_uint8(f)
         if f.ndim == 2 and 1 in channels:
             f = f[..., None]
         if f.ndim != 3 or f.shape[-1] not in channels:

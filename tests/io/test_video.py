@@ -161,3 +161,16 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(VideoError, match="expected"):
         write_frames(str(tmp_path / "f"), [np.zeros((4, 4, 2), np.uint8)])
     assert os.listdir(tmp_path) == []
+
+
+def test_to_uint8_rounds_and_clips_as_a_float64_formula():
+    from omnijax.io.video import to_uint8
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.arange(256) / 255.0, rng.uniform(-0.2, 1.2, 10_000)]).astype(np.float32)
+    want = np.clip(np.round(x.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(to_uint8(x), want)
+    u = rng.integers(0, 256, 10, dtype=np.uint8)
+    assert to_uint8(u) is u
+    with pytest.raises(VideoError, match="uint8 or float"):
+        to_uint8(np.arange(3))
