@@ -13,8 +13,8 @@
 3. Runs `launch/decompose.py` as a subprocess with a fresh compilation cache: run 1 (cold), run 2 (the same
    command, cache warm), then one process over 4 clips (--video ... x4). Each run's wall time from command to
    exit and the CLI's own report.json per clip: time per stage (read, encoders, vae_encode, sampler (compile
-   included on a cold cache), vae_decode, postprocess, write), model loading, and the device's peak memory
-   after each stage (peak so far).
+   included on a cold cache), vae_decode, postprocess, write, and each output file's writer), model loading, and
+   the device's peak memory after each stage (peak so far).
 Writes $OUT/bench_decompose_cli.json.
 """
 
@@ -113,9 +113,9 @@ def run_cli(argv: list[str], env: dict) -> dict:
     for out in outs:
         with open(os.path.join(out, "report.json")) as f:
             r = json.load(f)
-        reports.append({k: r[k] for k in ("timings_s", "peak_memory_gb_after_stage", "peak_memory_gb_after_load",
-                                          "load_models_s", "umt5_loaded", "frames", "size", "processing_size",
-                                          "device")})
+        reports.append({k: r[k] for k in ("timings_s", "write_files_s", "peak_memory_gb_after_stage",
+                                          "peak_memory_gb_after_load", "load_models_s", "umt5_loaded", "frames",
+                                          "size", "processing_size", "device")})
     return {"wall_s": round(wall, 2), "clips": len(outs), "wall_per_clip_s": round(wall / len(outs), 2),
             "reports": reports}
 
@@ -155,10 +155,12 @@ def main(argv=None) -> int:
             ("second_run", common + clip_args(0, os.path.join(work, "out_second_run"))), ("batch", common + batch))
     for name, argv_cli in runs:
         result[name] = run_cli(argv_cli, env)
-        stages = result[name]["reports"][0]["timings_s"]
+        first = result[name]["reports"][0]
+        files = sorted(first["write_files_s"].items(), key=lambda kv: -kv[1])[:3]
         print(f"{name}: {result[name]['wall_s']} s command to exit ({result[name]['clips']} clip(s)); first clip: "
-              f"load {result[name]['reports'][0]['load_models_s']} s, "
-              + ", ".join(f"{k} {v}" for k, v in stages.items() if v is not None), file=sys.stderr, flush=True)
+              f"load {first['load_models_s']} s, "
+              + ", ".join(f"{k} {v}" for k, v in first["timings_s"].items() if v is not None)
+              + "; slowest writers: " + ", ".join(f"{f} {v}" for f, v in files), file=sys.stderr, flush=True)
         save("bench_decompose_cli", result)  # a run cut off by a time limit keeps the runs before it
     emit("bench_decompose_cli", result)
     return 0

@@ -34,7 +34,7 @@ Output layout in --out:
   object_K/rgba/00000.png ...    RGBA layer as a PNG sequence (zlib level 1)
   object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt)
   object_K/alpha.mp4             the alpha matte as a grey video
-  report.json                    recomposition PSNR per object, stage timings, settings
+  report.json                    recomposition PSNR per object, stage timings (and each file's writer), settings
   preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,
                                  background, at 4 frames; tiles at most PREVIEW_TILE_WIDTH pixels wide
 """
@@ -331,12 +331,12 @@ def preview_sheet(video, alphas, foregrounds, background, n_frames: int = 4) -> 
     return labelled_sheet(rows)
 
 
-def write_outputs(folder, video, background, alphas, foregrounds, fps, workers: int | None = None) -> None:
+def write_outputs(folder, video, background, alphas, foregrounds, fps, workers: int | None = None) -> dict:
     """Every output file of one clip into `folder`, the files encoded at once on a thread pool (PyAV releases
     the GIL while encoding, numpy while converting). Each writer converts its own frames to uint8 one at a time
     (omnijax.io.video's per-frame conversion): converting whole float clips up front ran serially in this thread
-    and cost more than the encoding (80 frames at 480x832, two objects: ~12 s of ~18 s on 2 cores). Raises the
-    first failure after all writers have stopped.
+    and cost more than the encoding (80 frames at 480x832, two objects: ~12 s of ~18 s on 2 cores). Returns
+    {file name relative to folder: seconds its writer took}; raises the first failure after all writers stopped.
 
     video: the input clip, uint8 or float in [0, 1] (only the preview reads it); the layers float in [0, 1]."""
     from omnijax.io.video import to_uint8, write_frames, write_image, write_rgba_video, write_video
@@ -359,11 +359,15 @@ def write_outputs(folder, video, background, alphas, foregrounds, fps, workers: 
                   rgba(fg, a))]
     jobs.append((lambda p: write_image(p, preview_sheet(video, alphas, foregrounds, background)),
                  os.path.join(folder, "preview.png")))
+    def timed(fn, path, *a):
+        start = time.perf_counter()
+        fn(path, *a)
+        return time.perf_counter() - start
+
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(fn, *a) for fn, *a in jobs]
+        futures = [pool.submit(timed, *job) for job in jobs]
         concurrent.futures.wait(futures)
-    for fut in futures:
-        fut.result()
+    return {os.path.relpath(job[1], folder): round(fut.result(), 3) for job, fut in zip(jobs, futures)}
 
 
 def _umask() -> int:
@@ -471,8 +475,7 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
 
     def write(folder):
         s = time.perf_counter()
-        write_outputs(folder, video8, layers.background, layers.alphas,
-                      layers.foregrounds, fps)
+        files_s = write_outputs(folder, video8, layers.background, layers.alphas, layers.foregrounds, fps)
         timings["write"] = time.perf_counter() - s
         timings["total"] = time.perf_counter() - t0
         report = dict(
@@ -481,7 +484,7 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
             processing_frames=layers.processing_frames,
             settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
             recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
-            peak_memory_gb_after_stage=timings.peak_gb, **shared,
+            write_files_s=files_s, peak_memory_gb_after_stage=timings.peak_gb, **shared,
             umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
         with open(os.path.join(folder, "report.json"), "w") as f:
             json.dump(report, f, indent=1)

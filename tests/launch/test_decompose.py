@@ -36,6 +36,9 @@ def test_example_clip_end_to_end(tmp_path, example_clip):
     assert report["frames"] == n and report["size"] == [h, w] and report["processing_frames"] == 13
     assert len(report["recomposition_psnr_db"]) == 2
     assert {"encoders", "vae_encode", "sampler", "vae_decode", "write", "total"} <= set(report["timings_s"])
+    per_object = {f"object_{k}/{f}" for k in range(2) for f in ("rgba.webm", "alpha.mp4", "rgba")}
+    assert set(report["write_files_s"]) == {"background.mp4", "preview.png"} | per_object
+    assert max(report["write_files_s"].values()) <= report["timings_s"]["write"]
     video, _ = read_video(video_path)
     bg, fps = read_video(os.path.join(out, "background.mp4"))
     assert bg.shape == (n, h, w, 3) and fps == info.fps
