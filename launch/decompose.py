@@ -36,7 +36,8 @@ Output layout in --out:
   object_K/alpha.mp4             the alpha matte as a grey video
   report.json                    recomposition PSNR per object, stage timings (and each file's writer), settings
   preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,
-                                 background, at 4 frames; tiles at most PREVIEW_TILE_WIDTH pixels wide
+                                 background, at 4 frames; tiles at most 256 pixels wide
+Every file but report.json is written by omnijax/omnimatte/outputs.py.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ from launch import common  # noqa: F401  (sets XLA flags first)
 TOOL = "omnijax launch/decompose.py"  # written into report.json: how a folder is recognised as our output
 TINY_HEIGHT = 64
 MAX_ASPECT = 4.0
-PREVIEW_TILE_WIDTH = 256
 MODEL_FLAGS = (("dit", "wan_dit"), ("vae", "wan_vae"), ("umt5", "umt5"), ("clip", "wan_clip"))
 MASK_THRESHOLD = 240  # omnijax.omnimatte.masks.BINARY_THRESHOLD
 
@@ -301,75 +301,6 @@ def build_decomposer(args):
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def preview_sheet(video, alphas, foregrounds, background, n_frames: int = 4) -> np.ndarray:
-    """uint8 labelled sheet: rows input, per object its alpha and its foreground over a checkerboard, background;
-    columns `n_frames` evenly spaced frames; tiles scaled to at most PREVIEW_TILE_WIDTH pixels wide."""
-    from PIL import Image
-
-    from omnijax.diffdecompose.preview import labelled_sheet
-    from omnijax.omnimatte.preview import checkerboard
-
-    f, h, w, _ = video.shape
-    scale = min(1.0, PREVIEW_TILE_WIDTH / w)
-    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    idx = np.linspace(0, f - 1, min(n_frames, f)).round().astype(int)
-
-    def tile(x):
-        x = np.asarray(x)
-        x8 = x if x.dtype == np.uint8 else np.clip(np.rint(x.astype(np.float32) * 255), 0, 255).astype(np.uint8)
-        if (th, tw) != (h, w):
-            x8 = np.asarray(Image.fromarray(x8).resize((tw, th), Image.BILINEAR, reducing_gap=2.0))
-        return x8.astype(np.float32) / 255.0
-
-    board = checkerboard(h, w)
-    rows = [[(f"input, frame {i}", tile(video[i])) for i in idx]]
-    for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
-        rows.append([(f"object {k} alpha, frame {i}", tile(np.repeat(a[i][..., None], 3, -1))) for i in idx])
-        rows.append([(f"object {k} layer, frame {i}", tile(a[i][..., None] * fg[i] + (1 - a[i][..., None]) * board))
-                     for i in idx])
-    rows.append([(f"background, frame {i}", tile(background[i])) for i in idx])
-    return labelled_sheet(rows)
-
-
-def write_outputs(folder, video, background, alphas, foregrounds, fps, workers: int | None = None) -> dict:
-    """Every output file of one clip into `folder`, the files encoded at once on a thread pool (PyAV releases
-    the GIL while encoding, numpy while converting). Each writer converts its own frames to uint8 one at a time
-    (omnijax.io.video's per-frame conversion): converting whole float clips up front ran serially in this thread
-    and cost more than the encoding (80 frames at 480x832, two objects: ~12 s of ~18 s on 2 cores). Returns
-    {file name relative to folder: seconds its writer took}; raises the first failure after all writers stopped.
-
-    video: the input clip, uint8 or float in [0, 1] (only the preview reads it); the layers float in [0, 1]."""
-    from omnijax.io.video import to_uint8, write_frames, write_image, write_rgba_video, write_video
-
-    workers = workers or min(16, os.cpu_count() or 1)
-
-    def rgba(fg, a):  # uint8 RGBA frames, made as the encoder asks for them (3x faster than concatenating floats)
-        for i in range(len(a)):
-            f = np.empty((*a.shape[1:], 4), np.uint8)
-            f[..., :3], f[..., 3] = to_uint8(fg[i]), to_uint8(a[i])
-            yield f
-
-    jobs = [(write_video, os.path.join(folder, "background.mp4"), background, fps)]
-    for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
-        d = os.path.join(folder, f"object_{k}")
-        os.makedirs(d)
-        jobs += [(write_rgba_video, os.path.join(d, "rgba.webm"), rgba(fg, a), fps),
-                 (write_video, os.path.join(d, "alpha.mp4"), a, fps),  # grey: repeated to RGB per frame
-                 (lambda p, x: write_frames(p, x, workers=max(1, workers // 2)), os.path.join(d, "rgba"),
-                  rgba(fg, a))]
-    jobs.append((lambda p: write_image(p, preview_sheet(video, alphas, foregrounds, background)),
-                 os.path.join(folder, "preview.png")))
-    def timed(fn, path, *a):
-        start = time.perf_counter()
-        fn(path, *a)
-        return time.perf_counter() - start
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(timed, *job) for job in jobs]
-        concurrent.futures.wait(futures)
-    return {os.path.relpath(job[1], folder): round(fut.result(), 3) for job, fut in zip(jobs, futures)}
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -463,6 +394,7 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
     import jax
 
     from omnijax.omnimatte.decompose import SamplerSettings, decompose_video
+    from omnijax.omnimatte.outputs import write_outputs
 
     t0 = time.perf_counter()
     timings = StageTimings()

@@ -280,10 +280,9 @@ def make_preview(models: Models, config):
     """fn(model, path): decomposes a fixed validation clip with the expert being trained (as both experts) and
     writes a contact sheet; one Decomposer is built here, so previews reuse its compiled pieces."""
     from data.pipeline import fit_to_latent
-    from omnijax.io.sheet import label_rows
     from omnijax.io.video import write_image
     from omnijax.omnimatte.decompose import Decomposer, SamplerSettings, decompose_video
-    from omnijax.omnimatte.preview import contact_sheet
+    from omnijax.omnimatte.preview import layer_sheet
 
     clip = fit_to_latent(pixel_source(config, seed=config.seed + 7919, preview=True)[0])
     video, masks = clip["video"], clip["mask"][None]
@@ -295,10 +294,7 @@ def make_preview(models: Models, config):
     def preview(model, path):
         decomposer.set_experts(model, model)
         layers = decompose_video(decomposer, video, masks, settings, height=video.shape[1])
-        names = ["input", *[f"{what} {k}" for k in range(len(layers.alphas)) for what in ("alpha", "layer")],
-                 "background"]
-        write_image(path, label_rows(contact_sheet(video, layers.alphas, layers.foregrounds, layers.background),
-                                     names))
+        write_image(path, layer_sheet(video, layers.alphas, layers.foregrounds, layers.background))
 
     return preview
 

@@ -14,21 +14,35 @@ def checkerboard(h: int, w: int, cell: int = 16) -> np.ndarray:
     return np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 0.8, 0.55).astype(np.float32) * np.ones(3)
 
 
-def contact_sheet(video, alphas, foregrounds, background, n_frames: int = 4) -> np.ndarray:
-    """uint8 [rows*H, n*W, 3]: the input, then per object its alpha and the foreground over a checkerboard, then
-    the background, for `n_frames` evenly spaced frames.
+def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_width: int = 256) -> np.ndarray:
+    """uint8 labelled sheet: rows input, per object its alpha and its foreground over a checkerboard, background;
+    columns `n_frames` evenly spaced frames; tiles scaled down to at most `tile_width` pixels wide.
 
     Args:
-      video, background: [F, H, W, 3] in [0, 1]; alphas: [K, F, H, W]; foregrounds: [K, F, H, W, 3].
+      video: [F, H, W, 3] uint8 or float in [0, 1]; background [F, H, W, 3], alphas [K, F, H, W] and
+        foregrounds [K, F, H, W, 3] float in [0, 1] (only the chosen frames are read).
     """
-    video = np.asarray(video, np.float32)
+    from PIL import Image
+
+    from omnijax.diffdecompose.preview import labelled_sheet
+
     f, h, w, _ = video.shape
+    scale = min(1.0, tile_width / w)
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
     idx = np.linspace(0, f - 1, min(n_frames, f)).round().astype(int)
+
+    def tile(x):
+        x = np.asarray(x)
+        x8 = x if x.dtype == np.uint8 else np.clip(np.rint(x.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+        if (th, tw) != (h, w):
+            x8 = np.asarray(Image.fromarray(x8).resize((tw, th), Image.BILINEAR, reducing_gap=2.0))
+        return x8.astype(np.float32) / 255.0
+
     board = checkerboard(h, w)
-    rows = [video[idx]]
-    for a, fg in zip(np.asarray(alphas), np.asarray(foregrounds)):
-        a = a[idx][..., None]
-        rows += [np.repeat(a, 3, -1), a * fg[idx] + (1 - a) * board]
-    rows.append(np.asarray(background, np.float32)[idx])
-    sheet = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    return (np.clip(sheet, 0, 1) * 255).round().astype(np.uint8)
+    rows = [[(f"input, frame {i}", tile(video[i])) for i in idx]]
+    for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
+        rows.append([(f"object {k} alpha, frame {i}", tile(np.repeat(a[i][..., None], 3, -1))) for i in idx])
+        rows.append([(f"object {k} layer, frame {i}", tile(a[i][..., None] * fg[i] + (1 - a[i][..., None]) * board))
+                     for i in idx])
+    rows.append([(f"background, frame {i}", tile(background[i])) for i in idx])
+    return labelled_sheet(rows)

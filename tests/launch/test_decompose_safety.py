@@ -296,21 +296,6 @@ def test_manifest(tmp_path, capsys, echo_models):
     assert rc == 2 and "entry 0 is not" in _last_err(capsys)
 
 
-def test_preview_is_labelled_and_small():
-    rng = np.random.default_rng(0)
-    f, h, w, k = 9, 480, 832, 2
-    video, bg = rng.random((f, h, w, 3)), rng.random((f, h, w, 3))
-    alphas, fgs = rng.random((k, f, h, w)), rng.random((k, f, h, w, 3))
-    sheet = decompose.preview_sheet(video, alphas, fgs, bg)
-    tile_h = round(h * 256 / w)  # 148
-    rows, cols = 2 + 2 * k, 4
-    assert sheet.shape == (rows * (tile_h + 14 + 4) + 4, cols * (256 + 4) + 4, 3)
-    # Each row's label band (white page, black text) holds text.
-    for r in range(rows):
-        band = sheet[4 + r * (tile_h + 18): 4 + r * (tile_h + 18) + 14, 4:256]
-        assert (band < 128).any(), r
-
-
 def test_umt5_not_loaded_when_its_embedding_is_cached(tmp_path, monkeypatch):
     """Second run with the same sources: the empty prompt's embedding comes from the cache and umT5 is never
     loaded. Only umT5 is real here; the other models are stand-ins (their loading is not under test)."""

@@ -1,0 +1,20 @@
+"""omnijax.omnimatte.preview.layer_sheet: the decompose CLI's and the trainer's labelled sheet of the layers."""
+
+import numpy as np
+
+from omnijax.omnimatte.preview import layer_sheet
+
+
+def test_preview_is_labelled_and_small():
+    rng = np.random.default_rng(0)
+    f, h, w, k = 9, 480, 832, 2
+    video, bg = rng.random((f, h, w, 3)), rng.random((f, h, w, 3))
+    alphas, fgs = rng.random((k, f, h, w)), rng.random((k, f, h, w, 3))
+    sheet = layer_sheet(video, alphas, fgs, bg)
+    tile_h = round(h * 256 / w)  # 148
+    rows, cols = 2 + 2 * k, 4
+    assert sheet.shape == (rows * (tile_h + 14 + 4) + 4, cols * (256 + 4) + 4, 3)
+    # Each row's label band (white page, black text) holds text.
+    for r in range(rows):
+        band = sheet[4 + r * (tile_h + 18): 4 + r * (tile_h + 18) + 14, 4:256]
+        assert (band < 128).any(), r
