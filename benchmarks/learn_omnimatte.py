@@ -388,11 +388,18 @@ def _args(argv=None):
     p.add_argument("--stage", default="all", help=f"all, or a comma list of {', '.join(STAGES)}")
     p.add_argument("--tiny", action="store_true", help="tiny models, a few steps: mechanics on a CPU")
     p.add_argument("--markdown", metavar="JSON", help="print the docs table of a learn_omnimatte.json and exit")
-    for k, t in (("vae_steps", int), ("vae_seconds", float), ("vae_lr", float), ("base_steps", int),
-                 ("base_lr", float), ("expert_steps", int), ("expert_lr", float), ("eval_clips", int), ("sampler_steps", int),
-                 ("workers", int), ("analysis_samples", int), ("vae_pool", int)):
+    for k, t in (("frames", int), ("height", int), ("width", int), ("vae_steps", int), ("vae_seconds", float),
+                 ("vae_lr", float), ("base_steps", int), ("base_lr", float), ("expert_steps", int),
+                 ("expert_lr", float), ("eval_clips", int), ("sampler_steps", int), ("workers", int),
+                 ("analysis_samples", int), ("vae_pool", int)):
         p.add_argument("--" + k.replace("_", "-"), dest=k, type=t, default=None, help="(default: see settings())")
     a = p.parse_args(argv)
+    if a.frames is not None and (a.frames < 9 or a.frames % 4 != 1):
+        p.error(f"--frames {a.frames}: the Wan VAE takes 4k+1 frames, at least 9 (its training crops)")
+    for name in ("height", "width"):
+        v = getattr(a, name)
+        if v is not None and (v < 64 or v % 16):
+            p.error(f"--{name} {v}: a multiple of 16, at least 64 (VAE /8, patch 2; the VAE trains on 64 px crops)")
     if not a.markdown and not (a.workdir and a.out):
         p.error("--workdir and --out are required (or --markdown JSON)")
     return a
