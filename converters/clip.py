@@ -6,13 +6,13 @@ import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
 
 from converters.build import convert_and_build
 from converters.engine import TRANSFORMS, best_table, plan
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.clip import TABLES
 from converters.views import Concatenated, Without
+from omnijax.layers.init import InitRngs
 from omnijax.models.wan.clip import CLIPVisionConfig, CLIPVisionTower
 
 _HF_LAYER = re.compile(r"((?:vision_model\.|text_model\.)?encoder\.layers\.\d+\.self_attn)\.q_proj\.(weight|bias)\Z")
@@ -83,5 +83,5 @@ def load_wan_clip(source, config: CLIPVisionConfig | None = None, *, dtype=jnp.b
     # The blocks after output_layer never run (Wan stops after block 31 of 32): not loaded.
     unused = [k for k, (t, _) in mapping.items() if (m := _BLOCK.match(t)) and int(m.group(1)) >= config.output_layer]
     src = Without(src, unused)
-    make = lambda: CLIPVisionTower(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    make = lambda: CLIPVisionTower(config, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(0))
     return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)

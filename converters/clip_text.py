@@ -6,12 +6,12 @@ import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
 
 from converters.build import convert_and_build, mapped_shapes
 from converters.clip import _fuse_hf_qkv
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.clip_text import TRANSFORMERS
+from omnijax.layers.init import InitRngs
 from omnijax.models.flux.clip_text import CLIPTextConfig, CLIPTextModel
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
@@ -59,5 +59,5 @@ def load_clip_text(source, config: CLIPTextConfig | None = None, *, dtype=jnp.bf
     src = _fuse_hf_qkv(open_checkpoint(source))
     if config is None:
         config = infer_config(mapped_shapes(src, TRANSFORMERS), read_config_json(source))
-    make = lambda: CLIPTextModel(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    make = lambda: CLIPTextModel(config, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(0))
     return config, convert_and_build(src, TRANSFORMERS, make, shardings=shardings, progress=progress)

@@ -6,12 +6,12 @@ import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
 
 from converters.build import convert_and_build, mapped_shapes
 from converters.engine import best_table
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.flux_dit import TABLES, diffusers_fused_view
+from omnijax.layers.init import InitRngs
 from omnijax.models.flux import FluxConfig, FluxDiT
 
 
@@ -67,5 +67,5 @@ def load_flux_dit(source, config: FluxConfig | None = None, *, dtype=jnp.bfloat1
     table = best_table(list(src.keys()), TABLES)
     if config is None:
         config = infer_config(mapped_shapes(src, table), read_config_json(source))
-    make = lambda: FluxDiT(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    make = lambda: FluxDiT(config, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(0))
     return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)

@@ -6,12 +6,12 @@ import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
 
 from converters.build import convert_and_build, mapped_shapes
 from converters.engine import best_table, strip_prefix
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.flux_vae import DIFFUSERS, PREFIXES, bfl_table
+from omnijax.layers.init import InitRngs
 from omnijax.models.flux.vae import FluxVAE, FluxVAEConfig
 
 _LEVEL = re.compile(r"encoder\.down(?:_blocks)?\.(\d+)\.")
@@ -73,5 +73,5 @@ def load_flux_vae(source, config: FluxVAEConfig | None = None, *, dtype=jnp.bflo
     table = best_table(keys, (bfl_table(levels), DIFFUSERS))
     if config is None:
         config = infer_config(mapped_shapes(src, table), levels, num_res, read_config_json(source))
-    make = lambda: FluxVAE(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    make = lambda: FluxVAE(config, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(0))
     return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)

@@ -27,6 +27,7 @@ from flax import nnx
 
 from omnijax import sharding as shd
 from omnijax.checkpoint import is_pretrained, load_pretrained
+from omnijax.layers.init import InitRngs
 
 # The one dtype table of config values and CLI flags.
 DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "float32": jnp.float32}
@@ -162,7 +163,7 @@ def load(kind: str, source: str, *, dtype="bf16", param_dtype=None, mesh: jax.sh
     model_cls, config_cls = _ref(row.model), _ref(row.config)
 
     def maker(cfg):
-        return lambda: model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+        return lambda: model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(seed))
 
     if source == "tiny":
         cfg = _ref(row.tiny)() if config is None else config

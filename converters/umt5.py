@@ -7,13 +7,13 @@ import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
 
 from converters.build import convert_and_build, mapped_shapes
 from converters.engine import best_table
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.umt5 import TABLES
 from converters.views import Without
+from omnijax.layers.init import InitRngs
 from omnijax.models.wan.umt5 import UMT5Config, UMT5Encoder
 
 _TIED = ("shared.weight", "encoder.embed_tokens.weight")
@@ -68,7 +68,7 @@ def load_umt5(source, config: UMT5Config | None = None, *, dtype=jnp.bfloat16, p
     if config is None:
         shapes = mapped_shapes(src, table)
         config = infer_config(shapes, read_config_json(source))
-    make = lambda: UMT5Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    make = lambda: UMT5Encoder(config, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(0))
     return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)
 
 

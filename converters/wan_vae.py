@@ -6,12 +6,12 @@ import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
 
 from converters.build import convert_and_build, mapped_shapes
 from converters.engine import best_table
 from converters.sources import open_checkpoint, read_config_json
 from converters.tables.wan_vae import DIFFUSERS, original_table
+from omnijax.layers.init import InitRngs
 from omnijax.models.wan.vae import VAEConfig, WanVAE
 
 _RESAMPLE = re.compile(r"(?:.*\.)?encoder\.down(?:samples|_blocks)\.(\d+)\.resample\.1\.weight\Z")
@@ -74,5 +74,5 @@ def load_wan_vae(source, config: VAEConfig | None = None, *, dtype=jnp.bfloat16,
     if config is None:
         shapes = mapped_shapes(src, table)
         config = infer_config(shapes, levels, num_res, read_config_json(source))
-    make = lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    make = lambda: WanVAE(config, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(0))
     return config, convert_and_build(src, table, make, shardings=shardings, progress=progress)

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from omnijax.io.atomic import atomic_path
+from omnijax.layers.init import InitRngs
 
 FORMAT = 1
 
@@ -102,7 +103,7 @@ def load_pretrained(directory: str, *, kind: str | None = None, model_cls=None, 
             raise CheckpointError(f"{directory}: the header names no model class; load it through converters.registry")
         model_cls, config_cls = model_cls or _import(header["model"]), config_cls or _import(header["config_class"])
     config = config_cls.from_dict(header["config"])
-    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=InitRngs(0)))
     if callable(shardings):
         shardings = shardings(abstract)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
