@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnijax.layers.init import uniform
+from omnijax.layers.linear import matmul_last
 
 
 class LoRA(nnx.Module):
@@ -41,10 +42,8 @@ class LoRA(nnx.Module):
         return self.alpha / self.rank
 
     def __call__(self, x):
-        pet = jnp.float32 if self.dtype == jnp.float32 else None
-        h = jnp.einsum("...i,ir->...r", x.astype(self.dtype), self.lora_a[...].astype(self.dtype),
-                       preferred_element_type=pet).astype(self.dtype)
-        y = jnp.einsum("...r,ro->...o", h, self.lora_b[...].astype(self.dtype), preferred_element_type=pet)
+        h = matmul_last(x, self.lora_a[...], self.dtype).astype(self.dtype)
+        y = matmul_last(h, self.lora_b[...], self.dtype)
         return (y * self.scale).astype(self.dtype)
 
 

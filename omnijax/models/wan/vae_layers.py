@@ -27,6 +27,7 @@ from flax import nnx
 
 from omnijax.layers.attention import attention
 from omnijax.layers.init import torch_default
+from omnijax.layers.linear import matmul_last
 
 F32 = jnp.float32
 CACHE_T = 2  # frames of context a temporal kernel of 3 needs
@@ -60,8 +61,7 @@ class CausalConv3d(nnx.Module):
         if t < kt:  # no complete temporal window (e.g. a 1-frame clip reaching the temporal downsampler)
             return jnp.zeros((b, 0, h, w, self.kernel.shape[-1]), self.dtype)
         if self.kernel_size == (1, 1, 1):
-            y = jnp.einsum("bthwi,io->bthwo", x.astype(self.dtype), self.kernel[0, 0, 0].astype(self.dtype),
-                           preferred_element_type=_acc(self.dtype))
+            y = matmul_last(x, self.kernel[0, 0, 0], self.dtype)
         else:
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(self.stride_t, 1, 1),
@@ -116,8 +116,7 @@ class PointConv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_ch,), param_dtype))
 
     def __call__(self, x):
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                       preferred_element_type=_acc(self.dtype))
+        y = matmul_last(x, self.kernel[...], self.dtype)
         return (y + self.bias[...].astype(y.dtype)).astype(self.dtype)
 
 
