@@ -38,11 +38,18 @@ def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_
             x8 = np.asarray(Image.fromarray(x8).resize((tw, th), Image.BILINEAR, reducing_gap=2.0))
         return x8.astype(np.float32) / 255.0
 
+    # Labels fit the tile (about 6 pixels a character): "object 0 alpha, frame 3" on wide tiles, "alpha0 f3" on
+    # narrow ones (a training preview at the tiny sizes).
+    if tw >= 128:
+        label = lambda what, short, i: f"{what}, frame {i}"
+    else:
+        label = lambda what, short, i: f"{short} f{i}"
     board = checkerboard(h, w)
-    rows = [[(f"input, frame {i}", tile(video[i])) for i in idx]]
+    rows = [[(label("input", "input", i), tile(video[i])) for i in idx]]
     for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
-        rows.append([(f"object {k} alpha, frame {i}", tile(np.repeat(a[i][..., None], 3, -1))) for i in idx])
-        rows.append([(f"object {k} layer, frame {i}", tile(a[i][..., None] * fg[i] + (1 - a[i][..., None]) * board))
+        rows.append([(label(f"object {k} alpha", f"alpha{k}", i), tile(np.repeat(a[i][..., None], 3, -1)))
                      for i in idx])
-    rows.append([(f"background, frame {i}", tile(background[i])) for i in idx])
+        rows.append([(label(f"object {k} layer", f"layer{k}", i),
+                      tile(a[i][..., None] * fg[i] + (1 - a[i][..., None]) * board)) for i in idx])
+    rows.append([(label("background", "bg", i), tile(background[i])) for i in idx])
     return labelled_sheet(rows)

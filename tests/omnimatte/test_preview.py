@@ -18,3 +18,20 @@ def test_preview_is_labelled_and_small():
     for r in range(rows):
         band = sheet[4 + r * (tile_h + 18): 4 + r * (tile_h + 18) + 14, 4:256]
         assert (band < 128).any(), r
+
+
+def test_labels_fit_narrow_tiles(monkeypatch):
+    """labelled_sheet cuts a label to tile width / 6 characters: at a tiny preview's 64-pixel tiles every label
+    must fit whole (the wide form, "object 0 alpha, frame 3", would be cut to "object 0 a")."""
+    from omnijax.diffdecompose import preview as dd_preview
+
+    seen = []
+    real = dd_preview.labelled_sheet
+    monkeypatch.setattr(dd_preview, "labelled_sheet", lambda rows: seen.extend(rows) or real(rows))
+    rng = np.random.default_rng(0)
+    f, h, w, k = 5, 32, 64, 2
+    layer_sheet(rng.random((f, h, w, 3)), rng.random((k, f, h, w)), rng.random((k, f, h, w, 3)),
+                rng.random((f, h, w, 3)))
+    labels = [label for row in seen for label, _ in row]
+    assert len(labels) == (2 + 2 * k) * 4 and len(set(labels)) == len(labels)
+    assert all(len(label) <= w // 6 for label in labels), labels
