@@ -34,7 +34,8 @@ Output layout in --out:
   object_K/rgba/00000.png ...    RGBA layer as a PNG sequence (zlib level 1)
   object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt)
   object_K/alpha.mp4             the alpha matte as a grey video
-  report.json                    recomposition PSNR per object, stage timings (and each file's writer), settings
+  report.json                    recomposition PSNR per object, stage timings (and each file's writer), start-up
+                                 (imports and checks, the backend's start), settings
   preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,
                                  background, at 4 frames; tiles at most 256 pixels wide
 Every file but report.json is written by omnijax/omnimatte/outputs.py.
@@ -54,9 +55,11 @@ import tempfile
 import time
 import traceback
 
-import numpy as np
+T_START = time.perf_counter()  # (about) when this process began: report.json's start-up split counts from here
 
-from launch import common  # noqa: F401  (sets XLA flags first)
+import numpy as np  # noqa: E402
+
+from launch import common  # noqa: F401,E402  (sets XLA flags first)
 
 TOOL = "omnijax launch/decompose.py"  # written into report.json: how a folder is recognised as our output
 TINY_HEIGHT = 64
@@ -417,6 +420,7 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
             settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
             recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
             write_files_s=files_s, peak_memory_gb_after_stage=timings.peak_gb, **shared,
+            since_start_s=round(time.perf_counter() - T_START, 3),
             umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
         with open(os.path.join(folder, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -455,10 +459,15 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
 
     bar = tqdm(total=1 + 2 * len(ready), desc="decompose", unit="stage", file=sys.stderr)
     bar.set_postfix_str("load models")
+    import jax
+
+    s = time.perf_counter()
+    jax.devices()  # the backend's start-up (CUDA, the XLA client) on its own, not inside the first model's load
+    startup = dict(to_run=round(s - T_START, 3), backend=round(time.perf_counter() - s, 3))
     s = time.perf_counter()
     decomposer = build_decomposer(args)
     shared = dict(load_models_s=round(time.perf_counter() - s, 3), peak_memory_gb_after_load=peak_memory_gb(),
-                  compile_cache=cache_dir)
+                  compile_cache=cache_dir, startup_s=startup)
     bar.update()
 
     def publish_and_count(out, write):

@@ -39,6 +39,10 @@ def test_example_clip_end_to_end(tmp_path, example_clip):
     per_object = {f"object_{k}/{f}" for k in range(2) for f in ("rgba.webm", "alpha.mp4", "rgba")}
     assert set(report["write_files_s"]) == {"background.mp4", "preview.png"} | per_object
     assert max(report["write_files_s"].values()) <= report["timings_s"]["write"]
+    # The start-up split and the process clock account for the run: start-up + load + the clip <= since start.
+    assert set(report["startup_s"]) == {"to_run", "backend"}
+    before_clip = sum(report["startup_s"].values()) + report["load_models_s"]
+    assert before_clip + report["timings_s"]["total"] <= report["since_start_s"] + 0.01
     video, _ = read_video(video_path)
     bg, fps = read_video(os.path.join(out, "background.mp4"))
     assert bg.shape == (n, h, w, 3) and fps == info.fps
