@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from omnijax.io.atomic import atomic_write
+from omnijax.io.atomic import atomic_path, atomic_write
 
 H100_BF16_PEAK = 989e12
 
@@ -97,6 +97,12 @@ def random_module(ctor, seed: int = 0):
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
+def rel_l2(x, ref) -> float:
+    """|x - ref| / |ref| in float64 (the memorisation checks' distance)."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
 def plot_curves(path: str, panels: list) -> None:
     """Loss curves as one PNG, written atomically: `panels` = [(title, {label: [[step, value], ...]})], one axis
     each, log scale."""
@@ -117,7 +123,6 @@ def plot_curves(path: str, panels: list) -> None:
         if len(curves) > 1:
             ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -151,17 +151,12 @@ def _train(config_file: str, arg: str, overrides: dict, workdir: str, log) -> li
 
     from absl import logging
 
+    from configs.common import override
     from launch.train import train
 
     config = importlib.import_module(config_file).get_config(arg)
     with config.unlocked():
-        for key, value in overrides.items():
-            node, *path, leaf = [config, *key.split(".")]
-            for part in path:
-                node = node[part]
-            if leaf not in node:
-                raise KeyError(f"config {config_file} has no field {key}")
-            node[leaf] = value
+        override(config, overrides)
     log(f"training {config_file}:{arg} in {workdir}: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     os.makedirs(workdir, exist_ok=True)
     handler = pylogging.FileHandler(os.path.join(workdir, "train.log"))  # every line of this stage, as the CLI

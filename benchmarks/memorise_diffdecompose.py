@@ -37,19 +37,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import rel_l2  # noqa: E402
+
 MAX_REL = 0.5      # relative L2 of a sampled layer to its own target must stay below this ...
 MARGIN = 0.6       # ... and below MARGIN x its relative L2 to every wrong answer
 LAYERS = ("foreground", "background")
 
 
-def _rel(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
 def distances(out: dict, targets: dict) -> dict:
     """{layer: {answer: relative L2 of the sampled layer to that answer}} (relative to the answer's norm)."""
-    return {layer: {name: _rel(out[layer], ref) for name, ref in targets.items()} for layer in LAYERS}
+    return {layer: {name: rel_l2(out[layer], ref) for name, ref in targets.items()} for layer in LAYERS}
 
 
 def consistent(d: dict, max_rel: float = MAX_REL, margin: float = MARGIN) -> bool:

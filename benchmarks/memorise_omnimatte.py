@@ -61,6 +61,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.common import rel_l2  # noqa: E402
+
 # Deliberate breaks of the SAMPLER side (the check must fail under each): see `broken_sampler`.
 BREAKS = ("none", "velocity_sign", "mask_inverted", "condition_swapped", "frames_reversed")
 
@@ -73,11 +75,6 @@ def settings(tiny: bool = False, **kw) -> dict:
         s.update(variant="tiny-inp", frames=5, base_steps=20, expert_steps=10)
     s.update({k: v for k, v in kw.items() if v is not None})
     return s
-
-
-def rel_l2(x, ref) -> float:
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def clip_batch(s, seed: int) -> dict:
@@ -93,6 +90,8 @@ def clip_batch(s, seed: int) -> dict:
 
 
 def _config(module, s, steps: int, **over):
+    from configs.common import override
+
     config = module.get_config("runlocal")
     with config.unlocked():
         config.input.update(frames=s["frames"], height=s["height"], width=s["width"], vae_sample=False,
@@ -102,11 +101,7 @@ def _config(module, s, steps: int, **over):
         config.seed = s["seed"]
         config.model.variant = s["variant"]
         config.total_steps = max(1, steps)
-        for key, value in over.items():
-            node, *path, leaf = [config, *key.split(".")]
-            for part in path:
-                node = node[part]
-            node[leaf] = value
+        override(config, over)
     return config
 
 

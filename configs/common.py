@@ -35,6 +35,18 @@ BASES = {
 RESOLUTIONS = {"480": (480, 832), "720": (720, 1280)}
 
 
+def override(config, overrides: dict):
+    """Sets {dotted key: value} in `config` ("input.frames": 17); a key the config lacks is a KeyError. Returns it."""
+    for key, value in overrides.items():
+        node, (*path, leaf) = config, key.split(".")
+        for part in path:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"the config has no field {key}")
+        node[leaf] = value
+    return config
+
+
 def parse_arg(arg: str | None) -> dict:
     out = dict(base="wan21_1_3b", res=None, frames=None, runlocal=False)
     for item in filter(None, (arg or "").split(",")):

@@ -6,14 +6,9 @@ import os
 
 def runlocal_config(module, **overrides):
     """module.get_config("runlocal") with dotted keys overridden ({"loss.shift": 3.0})."""
-    c = module.get_config("runlocal")
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    from configs.common import override
+
+    return override(module.get_config("runlocal"), overrides)
 
 
 def logged_losses(workdir):
