@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from omnijax.layers.block_scan import run_blocks
 from omnijax.layers.branch_attention import alpha_sees_background, background_sees_alpha, branch_attention
 from omnijax.layers.lora import LoRA
 from omnijax.models.wan.dit import WanDiT
@@ -112,7 +113,7 @@ class EasyOmnimatte(nnx.Module):
         self.mesh, self.context_method = mesh, context_method
 
     def __call__(self, z_bg, z_alpha, timesteps, context, clip_features=None, y=None, *, train: bool = False,
-                 attention_backend: str = "auto", remat: bool | int = False):
+                 attention_backend: str = "auto", remat: bool | int = False, scan: bool = True):
         """Velocities of both token sets.
 
         Args:
@@ -129,6 +130,8 @@ class EasyOmnimatte(nnx.Module):
           remat: which trainable blocks recompute their forward in the backward pass: True (or -1) all of them,
             False (or 0) none, an int n the first n from the first adapted block on (blocks before it have no
             backward pass). A partial count trades memory for speed: each recomputed block costs one more forward.
+          scan: at inference, run runs of identical blocks (the frozen ones, the adapted ones) as lax.scan loops
+            (omnijax.layers.block_scan: one traced block per run; same values). Training keeps the unrolled blocks.
         Returns:
           (v_bg, v_alpha), each [B, T, H, W, 16]; v_bg is None when `train` is set.
         """
@@ -149,19 +152,20 @@ class EasyOmnimatte(nnx.Module):
             return branch_block(blk, lora, x_b, x_a, e0, text, image, rope, mask=mask, backend=attention_backend,
                                 freeze_background=freeze_bg, mesh=self.mesh, context_method=self.context_method)
 
+        if not train:
+            items = [(blk, self.lora.for_block(i)) for i, blk in enumerate(base.blocks)]
+            x_b, x_a = run_blocks(lambda m, c: step(m[0], m[1], *c), items, (x_b, x_a), scan=scan)
+            return base.unpatchify(base.head(x_b, e), grid), base.unpatchify(base.head(x_a, e), grid)
         recompute = remat_blocks(remat, first, len(base.blocks))
         step_remat = _rematerialized(step)
         for i, blk in enumerate(base.blocks):
-            if train and i == first:
+            if i == first:
                 # No LoRA upstream: no backward pass is needed through the earlier blocks.
                 x_a = jax.lax.stop_gradient(x_a)
             if freeze_bg and x_b is not None:
                 x_b = jax.lax.stop_gradient(x_b)
-            x_b, x_a = (step_remat if train and i in recompute else step)(blk, self.lora.for_block(i), x_b, x_a)
-        v_alpha = base.unpatchify(base.head(x_a, e), grid)
-        if train:
-            return None, v_alpha
-        return base.unpatchify(base.head(x_b, e), grid), v_alpha
+            x_b, x_a = (step_remat if i in recompute else step)(blk, self.lora.for_block(i), x_b, x_a)
+        return None, base.unpatchify(base.head(x_a, e), grid)
 
 
 def remat_blocks(remat: bool | int, first: int, num_blocks: int) -> range:

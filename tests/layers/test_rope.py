@@ -1,10 +1,11 @@
 """Wan 3D RoPE against an independent complex-number reference (shared/spec/wan.md §1.4)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnijax.layers.rope import apply_rope, rope_cos_sin, wan_axis_pairs, wan_rope_angles
+from omnijax.layers.rope import apply_rope, rope_cos_sin, wan_axis_pairs, wan_rope_angles, wan_rope_cos_sin
 
 
 def complex_reference(x, grid, theta=10000.0):
@@ -52,6 +53,20 @@ def test_rope_against_diffusers_tables():
     grid = (3, 4, 6)
     rope = WanRotaryPosEmbed(attention_head_dim=128, patch_size=(1, 2, 2), max_seq_len=1024)
     cos_t, sin_t = rope(torch.zeros(1, 16, grid[0], grid[1] * 2, grid[2] * 2))
-    cos, sin = rope_cos_sin(wan_rope_angles(grid, 128))
+    cos, sin = wan_rope_cos_sin(grid, 128)
     np.testing.assert_allclose(np.asarray(cos), cos_t[0, :, 0, 0::2].numpy(), atol=1e-6)
     np.testing.assert_allclose(np.asarray(sin), sin_t[0, :, 0, 1::2].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("grid,head_dim", [((3, 4, 5), 128), ((2, 3, 7), 32), ((21, 6, 10), 128)])
+def test_device_built_tables_equal_the_host_tables(grid, head_dim):
+    want_cos, want_sin = rope_cos_sin(wan_rope_angles(grid, head_dim))
+    cos, sin = jax.jit(lambda: wan_rope_cos_sin(grid, head_dim))()
+    np.testing.assert_array_equal(np.asarray(cos), np.asarray(want_cos))
+    np.testing.assert_array_equal(np.asarray(sin), np.asarray(want_sin))
+
+
+def test_tables_are_not_baked_into_programs():
+    # 81x480x832: two [32760, 64] f32 tables would be 2 x 8.4 MB of constants in every program using them.
+    text = jax.jit(lambda: wan_rope_cos_sin((21, 30, 52), 128)).lower().as_text()
+    assert len(text) < 200_000, len(text)

@@ -43,7 +43,7 @@ class StubExpert(nnx.Module):
     def __init__(self, label, log):
         self.label, self.base, self._log = label, _Base(), log
 
-    def __call__(self, z_bg, z_alpha, t, context, clip, y, *, attention_backend="auto"):
+    def __call__(self, z_bg, z_alpha, t, context, clip, y, *, attention_backend="auto", scan=True):
         label = self.label
         jax.debug.callback(lambda t: self._log.append((label, np.asarray(t))), t, ordered=True)
         removed = 1.0 - jnp.round(y[..., :1] * 255.0 / 128.0)  # 1 removed, 0 kept

@@ -26,7 +26,7 @@ from omnijax.layers.embeddings import sinusoidal_embedding
 from omnijax.layers.init import torch_default
 from omnijax.layers.linear import Linear
 from omnijax.layers.norms import LayerNorm, RMSNorm
-from omnijax.layers.rope import apply_rope, rope_cos_sin, wan_rope_angles
+from omnijax.layers.rope import apply_rope, wan_rope_cos_sin
 from omnijax.models.wan.variants import WanConfig
 
 F32 = jnp.float32
@@ -260,7 +260,7 @@ class WanDiT(nnx.Module):
             hint = " (i2v/Fun-InP models need y with the mask and masked-video latent)" if cfg.is_i2v else ""
             raise ValueError(f"the model takes {cfg.in_dim} input channels, got {latents.shape[-1]}{hint}")
         x, grid = self.patch_embedding(latents)
-        cos, sin = rope_cos_sin(wan_rope_angles(grid, cfg.head_dim, cfg.rope_theta))
+        cos, sin = wan_rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta)
         return x, (cos, sin), grid
 
     def unpatchify(self, x, grid):
