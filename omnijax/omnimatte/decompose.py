@@ -21,6 +21,7 @@ values without recompiling.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -78,10 +79,12 @@ class Decomposer:
       encode_frames_per_step, decode_frames_per_step: latent frames per step of the streamed VAE (more is faster
         and holds more memory; at 81x480x832 on an H100 decode takes 0.99 / 0.94 / 0.91 s at 1 / 2 / 4 frames per
         step with peaks 4.8 / 7.3 / 11.0 GB, docs/benchmarks.md).
+      scan_blocks: run the experts' identical blocks as lax.scan loops (omnijax.layers.block_scan): the sampler
+        traces and compiles one block per run instead of 60; False unrolls them (same values).
     """
 
     def __init__(self, effect, quality, vae, conditioner, *, attention_backend: str = "auto",
-                 encode_frames_per_step: int = 2, decode_frames_per_step: int = 4):
+                 encode_frames_per_step: int = 2, decode_frames_per_step: int = 4, scan_blocks: bool = True):
         self.vae, self.conditioner = vae, conditioner
         self.sampler_traces = 0  # times the sampler was traced: a recompile check for callers and tests
         self._graphdef, self._state = nnx.split(ExpertPair(effect, quality))
@@ -94,13 +97,22 @@ class Decomposer:
                 model = getattr(nnx.merge(self._graphdef, cond["params"]), name)
                 t = jnp.full((z["background"].shape[0],), 1000.0 * sigma, jnp.float32)
                 v_bg, v_alpha = model(z["background"].astype(dtype), z["alpha"].astype(dtype), t, cond["context"],
-                                      cond["clip"], cond["y"], attention_backend=attention_backend)
+                                      cond["clip"], cond["y"], attention_backend=attention_backend,
+                                      scan=scan_blocks)
                 return {"background": v_bg, "alpha": v_alpha}
             return velocity
 
         self._sample = make_sampler(expert("effect"), expert("quality"))
-        self._encode = jit_module_fn(vae, lambda m, v: m.encode(v, frames_per_step=encode_frames_per_step))
+        # Unit-range video [F, H, W, 3] in, latent [1, T, h, w, 16] out; latent [1, T, h, w, 16] in, [-1, 1] out.
+        self._encode = jit_module_fn(vae, lambda m, v: m.encode(v[None] * 2.0 - 1.0,
+                                                                 frames_per_step=encode_frames_per_step))
         self._decode = jit_module_fn(vae, lambda m, z: m.decode(z, frames_per_step=decode_frames_per_step))
+        # The glue between the models as a few compiled programs, not dozens of eager ops (each of which a new
+        # process traces, and looks up in or adds to the compilation cache). Built per instance, so that each
+        # Decomposer traces the module's mask and condition functions as they are when it first runs.
+        self._conditions = jax.jit(_conditions, static_argnames=("select", "dilation"))
+        self._to_unit = jax.jit(lambda v: (v[0] + 1.0) * 0.5)
+        self._to_alpha = jax.jit(lambda v: video_to_alpha(v)[0])
 
     def set_experts(self, effect, quality) -> None:
         """Uses these experts' current values from now on (e.g. the adapters of a training step). They must have
@@ -146,15 +158,15 @@ class Decomposer:
 
         context, clip = self.condition(video, prompt)
         lap("encoders")
-        latent = self._encode(jnp.asarray(video, jnp.float32)[None] * 2.0 - 1.0)  # [1, T, h, w, 16]
-        select = sampler_passes(object_masks)  # [P, K]
-        masks = jnp.stack([removal_mask(jnp.asarray(object_masks)[s], dilation=settings.dilation) for s in select])
-        y = condition_y(latent_mask(masks), jnp.broadcast_to(latent, (len(select), *latent.shape[1:])))
+        latent = self._encode(np.asarray(video, np.float32))  # [1, T, h, w, 16]
+        select = tuple(tuple(bool(v) for v in row) for row in sampler_passes(object_masks))  # [P, K]
+        y, z, context, clip = self._conditions(latent, np.asarray(object_masks, np.float32), context, clip,
+                                               np.int32(settings.seed), select=select, dilation=settings.dilation)
         jax.block_until_ready(y)
         lap("vae_encode")
 
         p = len(select)
-        cond = {"params": self._state, "y": y, "context": jnp.repeat(context, p, 0), "clip": jnp.repeat(clip, p, 0)}
+        cond = {"params": self._state, "y": y, "context": context, "clip": clip}
         windows = TemporalWindows(latent.shape[1], settings.window, settings.overlap)
         if windows.active:
             cond.update(y=split_windows(cond["y"], windows),
@@ -162,10 +174,6 @@ class Decomposer:
                         clip=repeat_for_windows(cond["clip"], windows))
         else:
             windows = None
-        key_bg, key_alpha = jax.random.split(jax.random.key(settings.seed))
-        shape = (p, *latent.shape[1:])
-        z = {"background": jax.random.normal(key_bg, shape, jnp.float32),
-             "alpha": jax.random.normal(key_alpha, shape, jnp.float32)}
         sigmas = inference_sigmas(settings.steps, settings.shift)
         out = self._sample(z, sigmas, switch_index(sigmas, settings.tau), cond, windows)
         jax.block_until_ready(out)
@@ -174,14 +182,29 @@ class Decomposer:
         # One latent video per decode call: the background and every alpha share one compiled decoder, and the
         # decoder's working memory is that of one video (81x480x832 with two objects in one call ran out of memory
         # on a 141 GB H200, docs/benchmarks.md).
-        background = np.asarray((self._decode(out["background"][:1])[0] + 1.0) * 0.5, np.float32)
-        alpha_latents = out["alpha"][1:] if p > 1 else out["alpha"]
-        alphas = np.stack([np.asarray(video_to_alpha(self._decode(alpha_latents[i:i + 1]))[0], np.float32)
+        latents = jax.device_get(out)  # on the host, so that picking one video is no device program
+        background = np.asarray(self._to_unit(self._decode(latents["background"][:1])), np.float32)
+        alpha_latents = latents["alpha"][1:] if p > 1 else latents["alpha"]
+        alphas = np.stack([np.asarray(self._to_alpha(self._decode(alpha_latents[i:i + 1])), np.float32)
                            for i in range(alpha_latents.shape[0])])
         result = background, alphas
         lap("vae_decode")
         assert result[1].shape[0] == k
         return result
+
+
+def _conditions(latent, object_masks, context, clip, seed, *, select, dilation):
+    """Everything the sampler takes besides the weights, for P passes (`select`: [P][K] objects each removes):
+    y [P, T, h, w, 20] (the pass's removal mask in latent form ; the video latent), the initial noise of both
+    latents (background, alpha: split(key(seed))), and the text context and CLIP features repeated per pass."""
+    masks = jnp.stack([removal_mask(object_masks[np.flatnonzero(row)], dilation=dilation) for row in select])
+    p = len(select)
+    y = condition_y(latent_mask(masks), jnp.broadcast_to(latent, (p, *latent.shape[1:])))
+    key_bg, key_alpha = jax.random.split(jax.random.key(seed))
+    shape = (p, *latent.shape[1:])
+    z = {"background": jax.random.normal(key_bg, shape, jnp.float32),
+         "alpha": jax.random.normal(key_alpha, shape, jnp.float32)}
+    return y, z, jnp.repeat(context, p, 0), jnp.repeat(clip, p, 0)
 
 
 def pingpong_indices(n: int, target: int) -> np.ndarray:
@@ -199,12 +222,35 @@ def processing_size(h: int, w: int, height: int) -> tuple[int, int]:
     return ph, pw
 
 
+def _resize(x, size, method="linear"):
+    """Traceable: [..., F, H, W(, C)] -> [..., F, h, w(, C)] float32 (the frame axis is the first of the last
+    three or four: `size` replaces the two axes after it)."""
+    x = jnp.asarray(x, jnp.float32)
+    if tuple(x.shape[1:3]) == tuple(size):
+        return x
+    return jax.image.resize(x, (x.shape[0], *size, *x.shape[3:]), method, antialias=True)
+
+
+_resize_jit = jax.jit(_resize, static_argnames=("size", "method"))
+
+
 def resize(x, size, method="linear"):
-    """[F, H, W(, C)] float -> [F, h, w(, C)]; antialiased when shrinking (area-like, as the reference)."""
+    """[F, H, W(, C)] float -> [F, h, w(, C)] float32 numpy; antialiased when shrinking (area-like, as the
+    reference). One compiled program per shape (jax.image.resize eagerly is a dozen small ones)."""
     if tuple(x.shape[1:3]) == tuple(size):
         return np.asarray(x, np.float32)
-    shape = (x.shape[0], *size, *x.shape[3:])
-    return np.asarray(jax.image.resize(jnp.asarray(x, jnp.float32), shape, method, antialias=True))
+    return np.asarray(_resize_jit(x, size=tuple(size), method=method))
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _layers_at(video, background, alphas, *, size):
+    """The layers at the input's `size`: background and alphas resized and clipped to [0, 1], each object's
+    foreground (eq. 2) and its recomposition PSNR [K], in one compiled program."""
+    background = jnp.clip(_resize(background, size), 0.0, 1.0)
+    alphas = jnp.clip(jax.vmap(lambda a: _resize(a, size))(alphas), 0.0, 1.0)
+    fgs = jax.vmap(lambda a: recover_foreground(video, a, background))(alphas)
+    psnr = jax.vmap(lambda f, a: recomposition_psnr(video, f, a, background))(fgs, alphas)
+    return background, alphas, fgs, psnr
 
 
 @dataclasses.dataclass
@@ -257,9 +303,7 @@ def decompose_video(decomposer: Decomposer, video, object_masks, settings: Sampl
     small_masks = np.stack([resize(m, (ph, pw)) for m in masks])[:, idx]
     background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings)
     start = time.perf_counter()
-    background = np.clip(resize(background[:n], (h, w)), 0, 1)
-    alphas = np.stack([np.clip(resize(a[:n], (h, w)), 0, 1) for a in alphas])
-    fgs = np.stack([np.asarray(recover_foreground(video, a, background)) for a in alphas])
-    psnr = [float(recomposition_psnr(video, fg, a, background)) for fg, a in zip(fgs, alphas)]
+    background, alphas, fgs, psnr = jax.device_get(_layers_at(video, background[:n], alphas[:, :n], size=(h, w)))
+    psnr = [float(v) for v in psnr]
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - start
     return Layers(background, alphas, fgs, psnr, (ph, pw), target, timings)
