@@ -53,7 +53,7 @@ def build(small: bool):
     cond = Conditioner(cache, image_encoder=clip, text_id="bench-random-umt5")
     text = np.random.default_rng(0).standard_normal((1, base.config.text_dim)).astype(np.float32)
     cache.store("text", cache.key("text", b"", cond.text_id), text)  # the cached empty-prompt embedding
-    return Decomposer(effect, quality, vae, cond), time.perf_counter() - t
+    return (effect, quality, vae, cond), time.perf_counter() - t
 
 
 def clip_and_mask(frames, h, w, seed=0):
@@ -73,18 +73,25 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--budget-s", type=float, default=520.0, help="start no new case after this many seconds")
     ap.add_argument("--cases", default="", help="steps:frames list, e.g. 2:81,4:81 (default: all four)")
+    ap.add_argument("--scan", choices=["on", "off", "both"], default="on",
+                    help="experts' blocks as lax.scan loops (Decomposer scan_blocks); both: each case twice, on then off")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    dec, build_s = build(args.small)
+    models, build_s = build(args.small)
+    from omnijax.omnimatte.decompose import Decomposer
+
+    scans = {"on": [True], "off": [False], "both": [True, False]}[args.scan]
+    decomposers = {scan: Decomposer(*models, scan_blocks=scan) for scan in scans}
     h, w = (64, 64) if args.small else (480, 832)
     cases = [(2, 81), (4, 81), (4, 197), (50, 81)] if not args.small else [(2, 9), (4, 9), (4, 93), (50, 9)]
     if args.cases:
         cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
     res = dict(date=str(datetime.date.today()), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
                size=[h, w], build_models_s=round(build_s, 1), cases=[])
-    for steps, frames in cases:
+    for (steps, frames), scan in [(c, scan) for c in cases for scan in scans]:
+        dec = decomposers[scan]
         if time.perf_counter() - t0 > args.budget_s:
-            res["cases"].append(dict(steps=steps, frames=frames, skipped="time budget"))
+            res["cases"].append(dict(steps=steps, frames=frames, scan_blocks=scan, skipped="time budget"))
             continue
         video, mask = clip_and_mask(frames, h, w)
         s = SamplerSettings(steps=steps)
@@ -98,8 +105,9 @@ def main():
         bg, alpha = dec(video, mask, SamplerSettings(steps=steps, seed=1), timings=timed)
         total = time.perf_counter() - t
         assert bg.shape == (frames, h, w, 3) and alpha.shape == (1, frames, h, w)
-        res["cases"].append(dict(steps=steps, frames=frames, total_s=round(total, 3), first_call_s=round(first_s, 1),
-                                 stages_s={k: round(v, 3) for k, v in timed.items()}))
+        res["cases"].append(dict(steps=steps, frames=frames, scan_blocks=scan, total_s=round(total, 3),
+                                 first_call_s=round(first_s, 1), first_stages_s={k: round(v, 2) for k, v in first.items()},
+                                 stages_s={k: round(v, 3) for k, v in timed.items()}, peak_gb_so_far=jax_peak_gb()))
         print(res["cases"][-1], flush=True)
     res["peak_gb"] = jax_peak_gb()
     emit("bench_decompose", res)

@@ -9,13 +9,14 @@
    umT5-XXL is not written: its only use is the empty prompt, whose embedding the CLI reads from the embedding
    cache (computed once per installation) and then never loads umT5; the bench seeds that cache entry (random
    [1, 4096]) and points --umt5/--tokenizer at tiny stand-ins that are never opened.
-2. Makes example clips with data.example_clip (two objects each).
+2. Makes example clips with data.example_clip (two objects each; `--objects 1` gives the CLI the first mask only).
 3. Runs `launch/decompose.py` as a subprocess with a fresh compilation cache: run 1 (cold), run 2 (the same
    command, cache warm), then one process over 4 clips (--video ... x4). Each run's wall time from command to
    exit and the CLI's own report.json per clip: time per stage (read, encoders, vae_encode, sampler (compile
    included on a cold cache), vae_decode, postprocess, write, and each output file's writer), model loading, the
    start-up (imports and checks, the backend's start, and what happens before and after the CLI's own clock:
-   interpreter start, exit), and the device's peak memory after each stage (peak so far).
+   interpreter start, exit), JAX's tracing / lowering / compiling-or-cache-loading seconds so far in the process,
+   and the device's peak memory after each stage (peak so far).
 Writes $OUT/bench_decompose_cli.json.
 """
 
@@ -115,8 +116,8 @@ def run_cli(argv: list[str], env: dict) -> dict:
         with open(os.path.join(out, "report.json")) as f:
             r = json.load(f)
         reports.append({k: r[k] for k in ("timings_s", "write_files_s", "peak_memory_gb_after_stage",
-                                          "peak_memory_gb_after_load", "load_models_s", "startup_s",
-                                          "since_start_s", "umt5_loaded", "frames", "size", "processing_size",
+                                          "peak_memory_gb_after_load", "load_models_s", "load_split_s", "startup_s",
+                                          "since_start_s", "jax_compile_s", "umt5_loaded", "frames", "size", "processing_size",
                                           "device")})
     # What no report sees: the interpreter's start before the CLI's first line, and the exit after its last report.
     outside = wall - max(r["since_start_s"] for r in reports)
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny models and clips (CPU dry run)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--objects", type=int, choices=[1, 2], default=2, help="objects per clip (masks given)")
     p.add_argument("--workdir", default=None, help="where checkpoints and clips go (default: a temporary folder)")
     a = p.parse_args(argv)
     from data.example_clip import write_example
@@ -149,11 +151,11 @@ def main(argv=None) -> int:
 
     def clip_args(i, out):
         c = clips[i]
-        return ["--video", os.path.join(c, "input_video.mp4"), "--masks", os.path.join(c, "mask_00.mp4"),
-                os.path.join(c, "mask_01.mp4"), "--out", out]
+        masks = [os.path.join(c, f"mask_{k:02d}.mp4") for k in range(a.objects)]
+        return ["--video", os.path.join(c, "input_video.mp4"), "--masks", *masks, "--out", out]
 
     result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "steps": a.steps,
-              "clip": f"{frames}x{h}x{w}, 2 objects", "checkpoints_written_s": round(checkpoints_s, 1)}
+              "clip": f"{frames}x{h}x{w}, {a.objects} object(s)", "checkpoints_written_s": round(checkpoints_s, 1)}
     batch = [x for i in range(a.batch) for x in clip_args(i, os.path.join(work, f"out_batch{i}"))]
     runs = (("first_run", common + clip_args(0, os.path.join(work, "out_first_run"))),
             ("second_run", common + clip_args(0, os.path.join(work, "out_second_run"))), ("batch", common + batch))
@@ -164,9 +166,12 @@ def main(argv=None) -> int:
         st = first["startup_s"]
         print(f"{name}: {result[name]['wall_s']} s command to exit ({result[name]['clips']} clip(s)); start-up: "
               f"imports and checks {st['to_run']} s, backend {st['backend']} s, before and after the CLI's own "
-              f"clock {result[name]['outside_reports_s']} s; first clip: load {first['load_models_s']} s, "
+              f"clock {result[name]['outside_reports_s']} s; first clip: load {first['load_models_s']} s "
+              f"({first['load_split_s']}), "
               + ", ".join(f"{k} {v}" for k, v in first["timings_s"].items() if v is not None)
-              + "; slowest writers: " + ", ".join(f"{f} {v}" for f, v in files), file=sys.stderr, flush=True)
+              + "; slowest writers: " + ", ".join(f"{f} {v}" for f, v in files)
+              + "; JAX so far: " + ", ".join(f"{k} {v}" for k, v in first["jax_compile_s"].items()),
+              file=sys.stderr, flush=True)
         save("bench_decompose_cli", result)  # a run cut off by a time limit keeps the runs before it
     emit("bench_decompose_cli", result)
     return 0

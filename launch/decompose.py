@@ -35,7 +35,8 @@ Output layout in --out:
   object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt)
   object_K/alpha.mp4             the alpha matte as a grey video
   report.json                    recomposition PSNR per object, stage timings (and each file's writer), start-up
-                                 (imports and checks, the backend's start), settings
+                                 (imports and checks, the backend's start), JAX's tracing / lowering / compiling
+                                 or cache loading so far in the process (jax_compile_s), settings
   preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,
                                  background, at 4 frames; tiles at most 256 pixels wide
 Every file but report.json is written by omnijax/omnimatte/outputs.py.
@@ -63,6 +64,7 @@ from launch import common  # noqa: F401,E402  (sets XLA flags first)
 
 TOOL = "omnijax launch/decompose.py"  # written into report.json: how a folder is recognised as our output
 TINY_HEIGHT = 64
+COMPILE_CLOCK = None  # omnijax.compile_cache.CompileClock of this process, started by run()
 MAX_ASPECT = 4.0
 MODEL_FLAGS = (("dit", "wan_dit"), ("vae", "wan_vae"), ("umt5", "umt5"), ("clip", "wan_clip"))
 MASK_THRESHOLD = 240  # omnijax.omnimatte.masks.BINARY_THRESHOLD
@@ -274,9 +276,18 @@ def build_decomposer(args):
     tiny = args.model == "tiny"
     dtype = "f32" if tiny else args.dtype
     text_id = cached_text_id(args)
-    models = {name: None if (name == "umt5" and text_id) else
-              registry.load(kind, "tiny" if tiny else getattr(args, name), dtype=dtype, seed=args.seed + i,
-                            progress=True)[1]
+    split = {}
+
+    def load(i, name, kind):
+        s = time.perf_counter()
+        model = registry.load(kind, "tiny" if tiny else getattr(args, name), dtype=dtype, seed=args.seed + i,
+                              progress=True)[1]
+        split[name] = round(time.perf_counter() - s, 3)
+        return model
+
+    # One after another: loading them on threads was slower on the H200 host (7.1-7.6 s against 5.6 s; the
+    # abstract builds are Python and share the GIL), docs/benchmarks.md.
+    models = {name: None if (name == "umt5" and text_id) else load(i, name, kind)
               for i, (name, kind) in enumerate(MODEL_FLAGS)}
     cond = registry.conditioner(args.cache, text_encoder=models["umt5"], image_encoder=models["clip"],
                                 tokenizer=None if text_id else "tiny" if tiny else args.tokenizer)
@@ -293,11 +304,14 @@ def build_decomposer(args):
             expert = kind.config(models["dit"].config.num_layers, rank=4, alpha=4.0)
         else:
             expert = expert_from_lora(getattr(args, f"{name}_lora"), mask=kind.mask, name=name)
+        s = time.perf_counter()
         experts.append(EasyOmnimatte(models["dit"], expert, rngs=nnx.Rngs(i + 1)))
         if not tiny:
             load_lora(getattr(args, f"{name}_lora"), experts[-1])
+        split[f"{name}_lora"] = round(time.perf_counter() - s, 3)
     decomposer = Decomposer(*experts, models["vae"], cond, attention_backend=args.attention)
     decomposer.umt5_loaded = not text_id
+    decomposer.load_split_s = split  # seconds per model and LoRA file
     return decomposer
 
 
@@ -420,7 +434,8 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
             settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
             recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
             write_files_s=files_s, peak_memory_gb_after_stage=timings.peak_gb, **shared,
-            since_start_s=round(time.perf_counter() - T_START, 3),
+            since_start_s=round(time.perf_counter() - T_START, 3), jax_compile_s=COMPILE_CLOCK.totals(),
+            load_split_s=getattr(decomposer, "load_split_s", None),
             umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
         with open(os.path.join(folder, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -440,6 +455,8 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
         cache_dir = None if args.no_compile_cache else compile_cache.enable(args.compile_cache or "default")
     except OSError as e:
         raise InputError(f"--compile-cache {args.compile_cache or compile_cache.default_dir()}: {e}") from e
+    global COMPILE_CLOCK
+    COMPILE_CLOCK = COMPILE_CLOCK or compile_cache.CompileClock().start()
     height = args.height or (TINY_HEIGHT if args.model == "tiny" else 480)
     failed, ready, outs = [], [], set()
     for clip in clips:
@@ -560,4 +577,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every file is written, renamed into place and closed by now (the writer pool has been joined); what is left
+    # is the interpreter's teardown of JAX's device client and the models' buffers, about a second on the H200
+    # host (docs/benchmarks.md), which a user waits for and which writes nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

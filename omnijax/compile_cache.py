@@ -46,3 +46,52 @@ def entries(directory: str) -> int:
     if not os.path.isdir(directory):
         return 0
     return sum(1 for n in os.listdir(directory) if not n.startswith(".") and "-atime" not in n)
+
+
+# JAX's own monitoring events of a compilation (jax._src.dispatch / compiler), by the names reports use.
+_DURATIONS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+              "/jax/core/compile/backend_compile_duration": "compile_or_load",
+              "/jax/compilation_cache/cache_retrieval_time_sec": "cache_read"}
+_COUNTS = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}
+
+
+class CompileClock:
+    """Seconds JAX spent tracing, lowering and compiling (or loading from the persistent cache) since `start()`.
+
+    `totals()` -> {"trace", "lower", "compile_or_load" (XLA compile, or the cache key, read and load on a hit),
+    "cache_read" (part of compile_or_load), "cache_hits", "cache_misses", "programs"}. Listens to JAX's monitoring
+    events, so it sees every jit in the process, the library's and the caller's alike.
+    """
+
+    def __init__(self):
+        self._totals: dict[str, float] = {}
+        self._on = False
+
+    def start(self) -> CompileClock:
+        if not self._on:
+            from jax import monitoring
+
+            monitoring.register_event_duration_secs_listener(self._duration)
+            monitoring.register_event_listener(self._event)
+            self._on = True
+        return self
+
+    def _duration(self, event: str, seconds: float, **_) -> None:
+        name = _DURATIONS.get(event)
+        if name is not None:
+            self._totals[name] = self._totals.get(name, 0.0) + seconds
+            if name == "compile_or_load":
+                self._totals["programs"] = self._totals.get("programs", 0) + 1
+
+    def _event(self, event: str, **_) -> None:
+        name = _COUNTS.get(event)
+        if name is not None:
+            self._totals[name] = self._totals.get(name, 0) + 1
+
+    def totals(self) -> dict:
+        out = {k: 0.0 for k in ("trace", "lower", "compile_or_load", "cache_read")}
+        out |= {"cache_hits": 0, "cache_misses": 0, "programs": 0}
+        for k, v in self._totals.items():
+            out[k] = round(v, 3) if isinstance(v, float) else v
+        return out

@@ -1,5 +1,6 @@
 """omnijax.compile_cache: a second process reads the programs the first one compiled, small ones included."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,17 +20,27 @@ SCRIPT = textwrap.dedent("""
         if event == "/jax/compilation_cache/cache_hits": counts["hits"] += 1
         if event == "/jax/compilation_cache/cache_misses": counts["misses"] += 1
     monitoring.register_event_listener(listen)
+    clock = compile_cache.CompileClock().start()
     compile_cache.enable(None if sys.argv[1] == "off" else sys.argv[1])
     x = jnp.arange(64.0).reshape(8, 8)
     jax.block_until_ready(jax.jit(lambda a: jnp.tanh(a @ a.T) + 1)(x))
     jax.block_until_ready(jax.jit(lambda a: jnp.cumsum(a, 1) * 3)(x))
+    import json
+    print(json.dumps(clock.totals()))
     print(counts["hits"], counts["misses"])
 """)
 
 
 def _run(arg, env):
     out = subprocess.run([sys.executable, "-c", SCRIPT, arg], capture_output=True, text=True, env=env, check=True)
-    return tuple(int(v) for v in out.stdout.split()[-2:])
+    lines = out.stdout.strip().splitlines()
+    hits, misses = (int(v) for v in lines[-1].split())
+    clock = json.loads(lines[-2])
+    # The CompileClock's counts are JAX's own events, seen by the script's independent listener too.
+    assert (clock["cache_hits"], clock["cache_misses"]) == (hits, misses), clock
+    assert clock["programs"] >= 2 and clock["trace"] > 0 and clock["compile_or_load"] > 0, clock
+    assert (clock["cache_read"] > 0) == (hits > 0), clock
+    return hits, misses
 
 
 def test_second_process_reuses_the_cache(tmp_path):
