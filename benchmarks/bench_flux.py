@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import H100_BF16_PEAK, emit, jax_peak_gb, random_module, time_jax, time_torch  # noqa: E402
+from benchmarks.common import (H100_BF16_PEAK, emit, flux_flops, jax_peak_gb, random_module, time_jax,  # noqa: E402
+                               time_torch)
 from omnijax.models.flux import FluxDiT, FluxLoRA, Segment, lora_spec, variant  # noqa: E402
 from omnijax.models.flux.lora import IMAGE_STREAM_TARGETS  # noqa: E402
 from omnijax.omnimatte.decompose import jit_module_fn  # noqa: E402
@@ -38,18 +39,6 @@ from omnijax.params import flat_params  # noqa: E402
 
 TINY = dict(in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=64, num_heads=2,
             depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12))
-
-
-def flux_flops(img_tokens: int, txt_tokens: int, cfg, *, lora_train: bool = False) -> float:
-    """Model FLOPs of one forward: per-token linears (12 D² MACs per token per block, double and single alike,
-    spec §4.4) plus joint attention 4 J² D per block; embedders, modulation and the final layer are < 0.1 %.
-
-    lora_train: forward + backward with a frozen base: the linears' backward computes activation gradients only
-    (1x forward again, no weight gradients), attention's backward is 2x its forward; LoRA's own work is ~1 %."""
-    j, d = img_tokens + txt_tokens, cfg.hidden_size
-    blocks = cfg.depth + cfg.depth_single_blocks
-    linear, attn = blocks * 2 * 12 * d * d * j, blocks * 4 * j * j * d
-    return float(2 * linear + 3 * attn if lora_train else linear + attn)
 
 
 def diffusers_kwargs(cfg):
@@ -173,7 +162,8 @@ def train(res, cfg, tiny, remats, rank):
     res["lora_params_M"] = round(sum(v.get_value().size for v in flat_params(lora, nnx.LoRAParam).values()) / 1e6, 1)
     segs, txt, txt_ids, y, t, g = make_inputs(cfg, grids, txt_len)
     img_tokens = sum(h * w for h, w in grids)
-    flops = flux_flops(img_tokens, txt_len, cfg, lora_train=True)  # recomputation (remat) is not counted
+    # recomputation (remat) is not counted; the adapters act on every image token (the text is not adapted)
+    flops = flux_flops(img_tokens, txt_len, cfg, lora_train=True, lora=lora, lora_tokens=img_tokens)
     res["tflop_per_step"] = round(flops / 1e12, 1)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)
     imgs, targets = [bf(s[0]) for s in segs], [bf(s[0]) for s in segs[1:]]
