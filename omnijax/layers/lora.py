@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from omnijax.layers.init import uniform
@@ -52,20 +53,40 @@ def lora_param_count(in_features: int, out_features: int, rank: int) -> int:
     return rank * (in_features + out_features)
 
 
+# A gated adapter whose runs cover at least this share of the axis computes its delta on every token and zeroes it
+# outside the runs (one select, fused into the add) instead of slicing the runs out and padding the delta back:
+# the slices and pads, and their transposes in the backward pass, are memory passes over the whole activation.
+# Measured on the DiffDecompose training step (docs/benchmarks.md, issue 18).
+MASK_COVERAGE = 0.5
+
+
 class TokenGated:
     """An adapter applied to some token ranges only: the delta is the adapter's on `runs` and zero elsewhere.
 
     A plain callable with the adapter's interface, so `Linear(x, lora=TokenGated(...))` adapts a static subset of
-    tokens (Flux segments whose LoRA switch is on) through the same `lora=` argument as the branch model. The
-    adapter only sees the tokens of its runs; XLA fuses the zero padding into the host's bias add.
+    tokens (Flux segments whose LoRA switch is on) through the same `lora=` argument as the branch model.
+    Two exact ways (same values and gradients): `masked=True` runs the adapter on every token and selects zero
+    outside the runs; False runs it on the runs' slices only and pads the result; None (default) masks when the
+    runs cover at least MASK_COVERAGE of the axis.
     """
 
-    def __init__(self, adapter: LoRA, runs, *, axis: int = -2):
-        self.adapter, self.runs, self.axis = adapter, tuple(runs), axis
+    def __init__(self, adapter: LoRA, runs, *, axis: int = -2, masked: bool | None = None):
+        self.adapter, self.runs, self.axis, self.masked = adapter, tuple(runs), axis, masked
 
     def __call__(self, x):
         axis = self.axis % x.ndim
         length = x.shape[axis]
+        masked = self.masked
+        if masked is None:
+            masked = sum(b - a for a, b in self.runs) >= MASK_COVERAGE * length
+        if masked:
+            keep = np.zeros(length, bool)
+            for a, b in self.runs:
+                keep[a:b] = True
+            shape = [1] * x.ndim
+            shape[axis] = length
+            delta = self.adapter(x)
+            return jnp.where(keep.reshape(shape), delta, jnp.zeros((), delta.dtype))
         pieces, pos = [], 0
         zeros = lambda n: jnp.zeros((*x.shape[:axis], n, *x.shape[axis + 1:-1], self.adapter.out_features),
                                     self.adapter.dtype)

@@ -1,8 +1,12 @@
 """Token-gated LoRA (omnijax.layers.lora.gated): the adapter's delta on the gated runs, zero elsewhere."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+
+import omnijax.layers.lora as lora_module
 
 from omnijax.layers.linear import Linear
 from omnijax.layers.lora import LoRA, TokenGated, gated, merge_runs
@@ -14,7 +18,9 @@ def test_merge_runs_joins_adjacent_switched_on_ranges():
     assert merge_runs(ranges, [False] * 4) == ()
 
 
-def test_gated_adapter_touches_only_its_runs():
+@pytest.mark.parametrize("coverage", [0.0, 1.01])  # every gate masked / every gate sliced
+def test_gated_adapter_touches_only_its_runs(coverage, monkeypatch):
+    monkeypatch.setattr(lora_module, "MASK_COVERAGE", coverage)
     ad = LoRA(6, 4, rank=2, alpha=3.0, rngs=nnx.Rngs(0))
     ad.lora_b.set_value(jnp.asarray(np.random.default_rng(0).standard_normal((2, 4)), jnp.float32))
     lin = Linear(6, 4, rngs=nnx.Rngs(1))
@@ -31,3 +37,27 @@ def test_gated_adapter_touches_only_its_runs():
     rows = np.asarray(TokenGated(ad, ((1, 2),), axis=0)(x))
     np.testing.assert_allclose(rows[1], dense[1], rtol=1e-5, atol=1e-6)
     assert not rows[0].any()
+
+
+def test_masked_and_sliced_gates_have_the_same_gradients():
+    """Both ways are exact: the adapter's and the input's gradients agree with a dense masked reference."""
+    rng = np.random.default_rng(2)
+    ad = LoRA(6, 4, rank=2, alpha=2.0, rngs=nnx.Rngs(0))
+    ad.lora_b.set_value(jnp.asarray(rng.standard_normal((2, 4)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, 10, 6)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 10, 4)), jnp.float32)
+    runs = ((0, 3), (5, 9))
+    mask = np.zeros((1, 10, 1), np.float32)
+    for a, b in runs:
+        mask[:, a:b] = 1
+
+    graphdef, state = nnx.split(ad)
+    loss = lambda out: jnp.sum(g * out)
+    want = jax.grad(lambda a, b, x: loss(mask * (x @ a @ b)), argnums=(0, 1, 2))(  # scale alpha / rank = 1
+        ad.lora_a.get_value(), ad.lora_b.get_value(), x)
+    for masked in (True, False):
+        st, dx = jax.grad(lambda st, x: loss(TokenGated(nnx.merge(graphdef, st), runs, masked=masked)(x)),
+                          argnums=(0, 1))(state, x)
+        got = (st["lora_a"].get_value(), st["lora_b"].get_value(), dx)
+        for gv, ref in zip(got, want):
+            np.testing.assert_allclose(np.asarray(gv), np.asarray(ref), rtol=1e-5, atol=1e-6)
