@@ -109,8 +109,12 @@ class Decomposer:
         self._decode = jit_module_fn(vae, lambda m, z: m.decode(z, frames_per_step=decode_frames_per_step))
         # The glue between the models as a few compiled programs, not dozens of eager ops (each of which a new
         # process traces, and looks up in or adds to the compilation cache). Built per instance, so that each
-        # Decomposer traces the module's mask and condition functions as they are when it first runs.
-        self._conditions = jax.jit(_conditions, static_argnames=("select", "dilation"))
+        # Decomposer traces the module's mask and condition functions as they are when it first runs (a jit of the
+        # same function object would reuse the first instance's trace).
+        def conditions(latent, object_masks, context, clip, seed, *, select, dilation):
+            return _conditions(latent, object_masks, context, clip, seed, select=select, dilation=dilation)
+
+        self._conditions = jax.jit(conditions, static_argnames=("select", "dilation"))
         self._to_unit = jax.jit(lambda v: (v[0] + 1.0) * 0.5)
         self._to_alpha = jax.jit(lambda v: video_to_alpha(v)[0])
 
@@ -223,8 +227,7 @@ def processing_size(h: int, w: int, height: int) -> tuple[int, int]:
 
 
 def _resize(x, size, method="linear"):
-    """Traceable: [..., F, H, W(, C)] -> [..., F, h, w(, C)] float32 (the frame axis is the first of the last
-    three or four: `size` replaces the two axes after it)."""
+    """Traceable: [F, H, W(, C)] -> [F, h, w(, C)] float32."""
     x = jnp.asarray(x, jnp.float32)
     if tuple(x.shape[1:3]) == tuple(size):
         return x
@@ -245,11 +248,16 @@ def resize(x, size, method="linear"):
 @functools.partial(jax.jit, static_argnames=("size",))
 def _layers_at(video, background, alphas, *, size):
     """The layers at the input's `size`: background and alphas resized and clipped to [0, 1], each object's
-    foreground (eq. 2) and its recomposition PSNR [K], in one compiled program."""
+    foreground (eq. 2) and its recomposition PSNR [K], in one compiled program (objects one after another, so the
+    working memory beyond the outputs is one object's)."""
     background = jnp.clip(_resize(background, size), 0.0, 1.0)
-    alphas = jnp.clip(jax.vmap(lambda a: _resize(a, size))(alphas), 0.0, 1.0)
-    fgs = jax.vmap(lambda a: recover_foreground(video, a, background))(alphas)
-    psnr = jax.vmap(lambda f, a: recomposition_psnr(video, f, a, background))(fgs, alphas)
+
+    def one(alpha):
+        alpha = jnp.clip(_resize(alpha, size), 0.0, 1.0)
+        fg = recover_foreground(video, alpha, background)
+        return alpha, fg, recomposition_psnr(video, fg, alpha, background)
+
+    alphas, fgs, psnr = jax.lax.map(one, alphas)
     return background, alphas, fgs, psnr
 
 
