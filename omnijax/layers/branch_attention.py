@@ -10,7 +10,7 @@ The sequence is the background set X_B followed by the alpha set X_A (same lengt
 On GPU/CPU the masks are fused-attention calls on the halves: type B is attn(q_B, k_B, v_B) plus
 attn(q_A, [k_B; k_A], [v_B; v_A]) (3 L^2 instead of 4 L^2), type C two calls of L^2. On TPU ("splash") the
 same masks are one splash-attention call over 2L tokens with a block-sparse mask computed inside the kernel,
-whose fully masked blocks are skipped.
+whose fully masked blocks are skipped (omnijax/layers/splash_branch.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 from omnijax.layers.attention import attention, resolve_backend
 
@@ -86,9 +84,12 @@ def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = 
     else:
         k_b_seen, v_b_seen = k_b, v_b
     if impl == "splash":
+        # Imported here: the Pallas TPU modules take ~0.15 s to import, which every GPU process would pay.
+        from omnijax.layers.splash_branch import splash_branch, splash_full
+
         if q_b is None:  # only the alpha set: plain full attention of X_A
-            return None, _splash_full(q_a, k_a, v_a, interpret=splash_interpret)
-        return _splash_branch(q_b, k_b_seen, v_b_seen, q_a, k_a, v_a, mask=mask, interpret=splash_interpret)
+            return None, splash_full(q_a, k_a, v_a, interpret=splash_interpret)
+        return splash_branch(q_b, k_b_seen, v_b_seen, q_a, k_a, v_a, mask=mask, interpret=splash_interpret)
     attn = _attention_fn(impl, context_mesh, context_method)
     if mask == "C":
         o_b = None if q_b is None else attn(q_b, k_b, v_b)
@@ -110,80 +111,3 @@ def _attention_fn(impl: str, context_mesh, context_method: str):
 
         return functools.partial(context_attention, mesh=context_mesh, backend=impl, method=context_method)
     return functools.partial(attention, backend=impl)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# TPU splash attention. Its kernel takes one example [N, L, K], does not scale the logits, and needs sequence
-# lengths divisible by the block size; each set is padded to a multiple of the block and padded keys are
-# masked by the same in-kernel mask function.
-
-
-class _BranchSplashMask(sm._ComputableMask):
-    """Splash mask computed inside the kernel from its mask function (never materialised).
-
-    Shape (S*P, S*P) for S sets of P padded tokens, ordered [X_B pad ; X_A pad] when S = 2.
-    """
-
-    def __init__(self, valid: int, padded: int, mask: str, sets: int = 2):
-        self.valid, self.padded, self.mask, self.sets = valid, padded, mask, sets
-        super().__init__((sets * padded, sets * padded), _mask_function(valid, padded, mask))
-
-    def __eq__(self, other):
-        return isinstance(other, _BranchSplashMask) and self._key() == other._key()
-
-    def __hash__(self):
-        return hash((type(self), self._key()))
-
-    def _key(self):
-        return self.valid, self.padded, self.mask, self.sets
-
-
-@functools.lru_cache(maxsize=64)
-def _mask_function(valid: int, padded: int, mask: str):
-    # Cached so the same (static, hashed) function object is reused and the kernel is not recompiled.
-    def fn(q_ids, kv_ids):
-        kv_alpha = kv_ids >= padded
-        kv_ok = (kv_ids - kv_alpha * padded) < valid  # padded keys of either set are never attended
-        if mask == "A":
-            return kv_ok
-        q_alpha = q_ids >= padded
-        if mask == "B":
-            return kv_ok & (q_alpha | (kv_ids < padded))
-        return kv_ok & (q_alpha == kv_alpha)
-    return fn
-
-
-@functools.lru_cache(maxsize=16)
-def _splash_kernel(valid: int, padded: int, mask: str, sets: int, heads: int, block: int, interpret: bool):
-    multi = sm.MultiHeadMask([_BranchSplashMask(valid, padded, mask, sets)] * heads)
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sk.make_splash_mha(multi, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-
-
-def _splash_block(length: int) -> tuple[int, int]:
-    block = 512 if length >= 2048 else 128  # the kernel wants multiples of 128 lanes
-    return block, -(-length // block) * block
-
-
-def _splash_sets(sets, *, mask: str, interpret: bool):
-    """sets: list of (q, k, v) [B, L, N, K], concatenated on tokens after padding each to the block size."""
-    q0 = sets[0][0]
-    length, heads, dim = q0.shape[1], q0.shape[2], q0.shape[3]
-    block, padded = _splash_block(length)
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
-    cat = lambda i: jnp.concatenate([pad(s[i]) for s in sets], axis=1)
-    q = cat(0) * jnp.asarray(dim ** -0.5, q0.dtype)  # splash does not scale the logits
-    kernel = _splash_kernel(length, padded, mask, len(sets), heads, block, interpret)
-    to_nsk = lambda a: jnp.swapaxes(a, 1, 2)  # the kernel runs one example [N, S, K]
-    out = jnp.swapaxes(jax.vmap(kernel)(to_nsk(q), to_nsk(cat(1)), to_nsk(cat(2))), 1, 2)
-    return [out[:, i * padded:i * padded + length] for i in range(len(sets))]
-
-
-def _splash_branch(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, interpret: bool):
-    o_b, o_a = _splash_sets([(q_b, k_b, v_b), (q_a, k_a, v_a)], mask=mask, interpret=interpret)
-    return o_b, o_a
-
-
-def _splash_full(q, k, v, *, interpret: bool):
-    return _splash_sets([(q, k, v)], mask="A", interpret=interpret)[0]
