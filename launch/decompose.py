@@ -271,7 +271,7 @@ def build_decomposer(args):
     from omnijax.omnimatte.branch import EasyOmnimatte
     from omnijax.omnimatte.decompose import Decomposer
     from omnijax.omnimatte.experts import EXPERT_KINDS
-    from omnijax.omnimatte.lora_io import expert_from_lora, load_lora
+    from omnijax.omnimatte.lora_io import expert_with_lora
 
     tiny = args.model == "tiny"
     dtype = "f32" if tiny else args.dtype
@@ -300,14 +300,12 @@ def build_decomposer(args):
     experts = []
     for i, name in enumerate(("effect", "quality")):
         kind = EXPERT_KINDS[name]
+        s = time.perf_counter()
         if tiny:
             expert = kind.config(models["dit"].config.num_layers, rank=4, alpha=4.0)
+            experts.append(EasyOmnimatte(models["dit"], expert, rngs=nnx.Rngs(i + 1)))
         else:
-            expert = expert_from_lora(getattr(args, f"{name}_lora"), mask=kind.mask, name=name)
-        s = time.perf_counter()
-        experts.append(EasyOmnimatte(models["dit"], expert, rngs=nnx.Rngs(i + 1)))
-        if not tiny:
-            load_lora(getattr(args, f"{name}_lora"), experts[-1])
+            experts.append(expert_with_lora(models["dit"], getattr(args, f"{name}_lora"), mask=kind.mask, name=name))
         split[f"{name}_lora"] = round(time.perf_counter() - s, 3)
     decomposer = Decomposer(*experts, models["vae"], cond, attention_backend=args.attention)
     decomposer.umt5_loaded = not text_id

@@ -25,12 +25,18 @@ class LoRA(nnx.Module):
     """One adapter: `__call__(x [..., I]) -> delta [..., O]` in `dtype`."""
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None):
+        """rngs None: abstract parameters (jax.ShapeDtypeStruct, as under nnx.eval_shape, without tracing an init)
+        for a caller that fills them next, e.g. from a file; an unfilled adapter cannot run."""
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.alpha = int(rank), float(alpha)
         self.dtype = dtype
+        if rngs is None:
+            self.lora_a = nnx.LoRAParam(jax.ShapeDtypeStruct((in_features, rank), param_dtype))
+            self.lora_b = nnx.LoRAParam(jax.ShapeDtypeStruct((rank, out_features), param_dtype))
+            return
         # Kaiming-uniform with a = sqrt(5) over fan_in = I (torch's Linear default and PEFT's lora_A init):
         # gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound = gain * sqrt(3 / fan_in) = 1 / sqrt(I).
         bound = math.sqrt(1.0 / 3.0) * math.sqrt(3.0 / in_features)

@@ -54,7 +54,7 @@ class BranchLoRA(nnx.Module):
     """
 
     def __init__(self, wan_config, expert: ExpertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs | None):
         expert.validate_for(wan_config.num_layers, wan_config.is_i2v)
         self.expert = expert
         blocks = {}
@@ -101,7 +101,9 @@ class EasyOmnimatte(nnx.Module):
     """
 
     def __init__(self, base: WanDiT, expert: ExpertConfig, *, lora_dtype=None, lora_param_dtype=jnp.float32,
-                 rngs: nnx.Rngs, mesh=None, context_method: str = "auto"):
+                 rngs: nnx.Rngs | None, mesh=None, context_method: str = "auto"):
+        """rngs None: the adapters are built abstractly (shapes only, no random init), for a caller that fills
+        every one of them next (omnijax.omnimatte.lora_io.expert_with_lora)."""
         self.base = base
         self.expert = expert
         self.set_mesh(mesh, context_method)

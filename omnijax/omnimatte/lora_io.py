@@ -395,10 +395,29 @@ def lora_entries(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] 
     return tensors_to_adapters(tensors, metadata, naming=WAN_NAMING, strict=strict)
 
 
+def expert_with_lora(base, path: str, *, mask: str | None, name: str | None = "loaded", strict: bool = True,
+                     **kw) -> EasyOmnimatte:
+    """An EasyOmnimatte expert over `base` whose adapters are the file's: the file is read once, the expert's
+    structure comes from it (`expert_from_lora`), and its adapters are built abstractly and filled from it
+    (no random init that the file would overwrite). `kw` goes to EasyOmnimatte (lora_dtype, mesh, ...)."""
+    tensors, meta = read_lora_file(path)
+    expert = expert_from_lora((tensors, meta), mask=mask, name=name, strict=strict)
+    return load_lora((tensors, meta), EasyOmnimatte(base, expert, rngs=None, **kw), strict=strict)
+
+
+def _read(source):
+    """(tensors, metadata) of a path, a {key: array} mapping (no metadata), or an already read (tensors, meta)."""
+    if isinstance(source, str):
+        return read_lora_file(source)
+    if isinstance(source, tuple):
+        return source
+    return source, {}
+
+
 def expert_from_lora(source, *, mask: str | None, name: str | None = "loaded", strict: bool = True) -> ExpertConfig:
     """The ExpertConfig (blocks, targets, rank, alpha) that a LoRA file describes. `mask` and `name` replace the
     ones the file states (None: the file's; a file without an expert record needs a mask)."""
-    tensors, meta = read_lora_file(source) if isinstance(source, str) else (source, {})
+    tensors, meta = _read(source)
     if _META_OURS in meta:
         d = json.loads(meta[_META_OURS])
         return ExpertConfig.from_dict({**d, "mask": mask or d["mask"], "name": name or d["name"]})
@@ -420,12 +439,13 @@ def expert_from_lora(source, *, mask: str | None, name: str | None = "loaded", s
 
 
 def load_lora(source, model, *, strict: bool = True):
-    """Fills the model's adapters from a file path or a {key: array} mapping (any format in FORMATS).
+    """Fills the model's adapters from a file path, a {key: array} mapping or a read (tensors, metadata) pair
+    (any format in FORMATS).
 
     The file must hold exactly the model's adapters (same blocks and targets, same rank). An alpha that differs
     from the model's is folded into B (the delta stays the same function). Returns the model.
     """
-    tensors, meta = read_lora_file(source) if isinstance(source, str) else (source, {})
+    tensors, meta = _read(source)
     fmt, entries, _ = lora_entries(tensors, meta, strict=strict)
     lora = _branch_lora(model)
     fill_adapters(dict(_modules(lora)), entries, f"{fmt} LoRA file", f"the expert {lora.expert.name!r}")

@@ -46,6 +46,27 @@ def test_round_trip_is_exact(models, fmt, tmp_path):
     assert not [f for f in tmp_path.iterdir() if ".tmp-" in f.name]  # no temporary left
 
 
+@pytest.mark.parametrize("fmt", ["omnijax", "kohya"])
+def test_expert_with_lora_builds_the_files_expert_without_a_random_init(models, fmt, tmp_path):
+    base, expert, src = models
+    path = str(tmp_path / f"lora_{fmt}.safetensors")
+    lora_io.save_lora(path, src, fmt=fmt)
+    got = lora_io.expert_with_lora(base, path, mask="B", name="e", lora_param_dtype=jnp.bfloat16)
+    assert (got.expert.blocks, got.expert.targets, got.expert.rank, got.expert.alpha, got.expert.mask) == (
+        expert.blocks, expert.targets, 4, 6.0, "B")
+    a, b = _flat(src), _flat(got)
+    assert a.keys() == b.keys()
+    for k in a:  # every adapter holds the file's values as a real array (none left abstract)
+        assert isinstance(b[k], np.ndarray) and a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    assert got.base is base
+    # A file missing an adapter fails before anything is built from it.
+    tensors, meta = lora_io.read_lora_file(path)
+    dropped = max(tensors, key=lambda k: tensors[k].size)  # a weight (kohya files also hold scalar alphas)
+    lora_io.write_safetensors(path, {k: v for k, v in tensors.items() if k != dropped}, meta)
+    with pytest.raises(lora_io.LoRAFileError):
+        lora_io.expert_with_lora(base, path, mask="B", name="e")
+
+
 def test_published_key_spellings(models):
     _, _, src = models
     peft = lora_io.lora_keys(src, "peft")
