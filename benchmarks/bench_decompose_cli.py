@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--objects", type=int, choices=[1, 2], default=2, help="objects per clip (masks given)")
+    p.add_argument("--runs", default="first_run,second_run,batch", help="which runs, in order (comma list)")
     p.add_argument("--workdir", default=None, help="where checkpoints and clips go (default: a temporary folder)")
     a = p.parse_args(argv)
     from data.example_clip import write_example
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
     flags, text_dim = write_checkpoints(os.path.join(work, "ckpt"), a.tiny)
     checkpoints_s = time.perf_counter() - t
     frames, h, w = (9, 64, 112) if a.tiny else (81, 480, 832)
-    clips = [write_example(os.path.join(work, f"clip{i}"), frames, h, w, seed=i) for i in range(a.batch)]
+    n_clips = a.batch if "batch" in a.runs.split(",") else 1
+    clips = [write_example(os.path.join(work, f"clip{i}"), frames, h, w, seed=i) for i in range(n_clips)]
     cache = os.path.join(work, "conditioning")
     dtype = "f32" if a.tiny else "bf16"
     seed_text_cache(cache, flags, text_dim, dtype)
@@ -156,10 +158,13 @@ def main(argv=None) -> int:
 
     result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "steps": a.steps,
               "clip": f"{frames}x{h}x{w}, {a.objects} object(s)", "checkpoints_written_s": round(checkpoints_s, 1)}
-    batch = [x for i in range(a.batch) for x in clip_args(i, os.path.join(work, f"out_batch{i}"))]
+    batch = [x for i in range(n_clips) for x in clip_args(i, os.path.join(work, f"out_batch{i}"))]
     runs = (("first_run", common + clip_args(0, os.path.join(work, "out_first_run"))),
             ("second_run", common + clip_args(0, os.path.join(work, "out_second_run"))), ("batch", common + batch))
-    for name, argv_cli in runs:
+    unknown = set(a.runs.split(",")) - {name for name, _ in runs}
+    if unknown:
+        p.error(f"--runs: unknown {sorted(unknown)}")
+    for name, argv_cli in [r for r in runs if r[0] in a.runs.split(",")]:
         result[name] = run_cli(argv_cli, env)
         first = result[name]["reports"][0]
         files = sorted(first["write_files_s"].items(), key=lambda kv: -kv[1])[:3]
