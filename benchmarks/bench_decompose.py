@@ -36,7 +36,6 @@ def build(small: bool):
     from omnijax.models.wan.clip import CLIPVisionTower, clip_variant
     from omnijax.models.wan.vae import WanVAE, vae_variant
     from omnijax.omnimatte.branch import EasyOmnimatte
-    from omnijax.omnimatte.decompose import Decomposer
     from omnijax.omnimatte.experts import effect_expert, quality_expert
 
     dt = jnp.float32 if small else jnp.bfloat16
@@ -74,7 +73,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=520.0, help="start no new case after this many seconds")
     ap.add_argument("--cases", default="", help="steps:frames list, e.g. 2:81,4:81 (default: all four)")
     ap.add_argument("--scan", choices=["on", "off", "both"], default="on",
-                    help="experts' blocks as lax.scan loops (Decomposer scan_blocks); both: each case twice, on then off")
+                    help="experts' blocks as lax.scan loops (Decomposer scan_blocks); both: each case twice, "
+                    "on then off")
     args = ap.parse_args()
     t0 = time.perf_counter()
     models, build_s = build(args.small)
@@ -106,7 +106,8 @@ def main():
         total = time.perf_counter() - t
         assert bg.shape == (frames, h, w, 3) and alpha.shape == (1, frames, h, w)
         res["cases"].append(dict(steps=steps, frames=frames, scan_blocks=scan, total_s=round(total, 3),
-                                 first_call_s=round(first_s, 1), first_stages_s={k: round(v, 2) for k, v in first.items()},
+                                 first_call_s=round(first_s, 1),
+                                 first_stages_s={k: round(v, 2) for k, v in first.items()},
                                  stages_s={k: round(v, 3) for k, v in timed.items()}, peak_gb_so_far=jax_peak_gb()))
         print(res["cases"][-1], flush=True)
     res["peak_gb"] = jax_peak_gb()

@@ -5,8 +5,9 @@
      two layers; peak memory;
   3. one training step (LoRA rank 128 on the image stream, all three image segments adapted, per-block remat,
      AdamW): time, MFU, memory. `step_s` is the step as launch/train.py's loop runs it (the host reads a step's
-     metrics after dispatching the next); `step_synced_s` waits for every step before dispatching the next. The batch holds latents already encoded (the trainer's VAE pass is excluded:
-     stage 2's encode time x 3 is its cost).
+     metrics after dispatching the next); `step_synced_s` waits for every step before dispatching the next.
+     The batch holds latents already encoded (the trainer's VAE pass is excluded: stage 2's encode time x 3 is
+     its cost).
 
   python benchmarks/bench_diffdecompose.py           # H200/H100 (about 4 minutes; ~60 GB peak)
   python benchmarks/bench_diffdecompose.py --tiny    # CPU dry run on the tiny variants
@@ -43,6 +44,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import omnijax.layers.lora as lora_module  # noqa: E402
 from benchmarks.common import H100_BF16_PEAK, emit, flux_flops, jax_peak_gb, profile_kernels, random_module  # noqa: E402
 from omnijax.diffdecompose.model import DiffDecomposer, ICDSettings, decompose_loss  # noqa: E402
 from omnijax.diffdecompose.sampling import Decomposer  # noqa: E402
@@ -53,7 +55,6 @@ from omnijax.models.flux.lora import FluxLoRA, lora_spec  # noqa: E402
 from omnijax.models.flux.vae import FluxVAE, flux_vae_variant  # noqa: E402
 from omnijax.models.wan.umt5 import UMT5Encoder, umt5_variant  # noqa: E402
 from omnijax.training.step import make_train_step  # noqa: E402
-import omnijax.layers.lora as lora_module  # noqa: E402
 
 DEFAULT_MASK_COVERAGE = lora_module.MASK_COVERAGE
 
@@ -216,7 +217,7 @@ def main(argv=None):
         if args.profile:
             holder = {"state": state}
 
-            def one_step():
+            def one_step(step=step, holder=holder, rng=rng):
                 holder["state"], m = step(holder["state"], batch, rng)
                 return m
 

@@ -30,8 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import (H100_BF16_PEAK, emit, flux_flops, jax_peak_gb, random_module, time_jax,  # noqa: E402
-                               time_torch)
+from benchmarks.common import H100_BF16_PEAK, emit, flux_flops, jax_peak_gb, random_module, time_jax, time_torch  # noqa: E402
 from omnijax.models.flux import FluxDiT, FluxLoRA, Segment, lora_spec, variant  # noqa: E402
 from omnijax.models.flux.lora import IMAGE_STREAM_TARGETS  # noqa: E402
 from omnijax.omnimatte.decompose import jit_module_fn  # noqa: E402

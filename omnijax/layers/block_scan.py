@@ -7,8 +7,9 @@ JAX traces, lowers and XLA compiles that block once per run instead of once per 
 
 Why: a decomposition sampler holds two 30-block experts; unrolled, its first call in every process traced
 ~16,000 inner calls (3.3 s on a 2-core CPU, 0.6 s scanned) before the persistent compilation cache could even be
-asked (docs/benchmarks.md, issue 19); scanned, its cold compile on an H200 took 11.6 s instead of 47.9 s. The math is the same block
-applied to the same values, so scanned and unrolled results agree to float rounding (tests/layers/test_block_scan.py).
+asked (docs/benchmarks.md, issue 19); scanned, its cold compile on an H200 took 11.6 s instead of 47.9 s. The math
+is the same block applied to the same values, so scanned and unrolled results agree to float rounding
+(tests/layers/test_block_scan.py).
 
 The price: the scanned blocks' arrays are stacked inside the compiled program (a copy of those blocks' weights).
 On an H200 the scanned 1.3B sampler was no slower (2.458 vs 2.502 s for 2 steps) and the decompose CLI's peak

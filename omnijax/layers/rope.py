@@ -52,7 +52,7 @@ def wan_rope_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float = 1
     compiled program (at 81x480x832, 2 x 8.4 MB per DiT call site: a sampler's StableHLO was 68 MB of them).
     """
     tables = []
-    for axis, (size, pairs) in enumerate(zip(grid, wan_axis_pairs(head_dim))):
+    for size, pairs in zip(grid, wan_axis_pairs(head_dim)):
         freqs = axis_frequencies((2 * pairs,), theta)
         tables.append(np.arange(size, dtype=np.float64)[:, None] * freqs[None, :])  # [size, pairs]
 

@@ -61,7 +61,7 @@ def test_expert_inference_scanned_equals_unrolled_and_traces_one_block_per_run()
     d = inputs()
     for model in (eff, qual):
         want = run(model, d, scan=False)
-        got = jax.jit(lambda: run(model, d, scan=True))()
+        got = jax.jit(lambda model=model: run(model, d, scan=True))()
         for g, w in zip(got, want):
             assert rel_err(g, w) <= 1e-5, model.expert.name
     # Traced work: unrolled grows with the depth, scanned holds one block per run.
@@ -69,6 +69,6 @@ def test_expert_inference_scanned_equals_unrolled_and_traces_one_block_per_run()
     for layers in (5, 9):
         e, _ = experts(tiny_base(num_layers=layers), k=2)
         for scan in (True, False):
-            dots[layers, scan] = _count_dots(jax.make_jaxpr(lambda: run(e, d, scan=scan))().jaxpr)
+            dots[layers, scan] = _count_dots(jax.make_jaxpr(lambda e=e, scan=scan: run(e, d, scan=scan))().jaxpr)
     assert dots[5, True] == dots[9, True]
     assert dots[9, False] > dots[5, False] > dots[5, True]

@@ -7,7 +7,6 @@ import pytest
 from flax import nnx
 
 import omnijax.layers.lora as lora_module
-
 from omnijax.layers.linear import Linear
 from omnijax.layers.lora import LoRA, TokenGated, gated, merge_runs
 
@@ -56,8 +55,8 @@ def test_masked_and_sliced_gates_have_the_same_gradients():
     want = jax.grad(lambda a, b, x: loss(mask * (x @ a @ b)), argnums=(0, 1, 2))(  # scale alpha / rank = 1
         ad.lora_a.get_value(), ad.lora_b.get_value(), x)
     for masked in (True, False):
-        st, dx = jax.grad(lambda st, x: loss(TokenGated(nnx.merge(graphdef, st), runs, masked=masked)(x)),
-                          argnums=(0, 1))(state, x)
+        gate = lambda st, x, masked=masked: loss(TokenGated(nnx.merge(graphdef, st), runs, masked=masked)(x))
+        st, dx = jax.grad(gate, argnums=(0, 1))(state, x)
         got = (st["lora_a"].get_value(), st["lora_b"].get_value(), dx)
         for gv, ref in zip(got, want):
             np.testing.assert_allclose(np.asarray(gv), np.asarray(ref), rtol=1e-5, atol=1e-6)
