@@ -207,3 +207,30 @@ def conditioner(cache_dir: str | None, *, text_encoder=None, image_encoder=None,
             build_tiny_tokenizer(tokenizer)
     return Conditioner(EmbeddingCache(cache_dir) if cache_dir else None, text_encoder=text_encoder,
                        image_encoder=image_encoder, tokenizer=load_tokenizer(tokenizer) if tokenizer else None)
+
+
+def convert_to_folder(kind: str, source: str, out: str, *, param_dtype="bf16", overwrite: bool = False,
+                      casper: str | None = None, casper_lora: str | None = None, lora_weight: float = 1.0,
+                      progress: bool = False):
+    """Converts a public checkpoint of `kind` into an omnijax checkpoint folder `out` (written atomically; an
+    existing `out` is a FileExistsError unless `overwrite`). Returns (out as written, config).
+
+    casper / casper_lora (wan_dit only): Casper's fine-tuned transformer replacing `source`'s weights, or its LoRA
+    merged into them with `lora_weight` (converters.casper). The folder's header records the sources.
+    """
+    from omnijax.checkpoint import save_pretrained
+
+    if (casper or casper_lora) and kind != "wan_dit":
+        raise ValueError(f"casper / casper_lora apply to kind wan_dit, not {kind}")
+    if casper or casper_lora:
+        from converters.casper import load_casper_wan_dit
+
+        dt = dtype_of(param_dtype)
+        config, model = load_casper_wan_dit(source, casper, casper_lora, lora_weight=lora_weight, dtype=dt,
+                                            param_dtype=dt, progress=progress)
+    else:
+        config, model = load(kind, source, dtype=param_dtype, progress=progress)
+    extra = {k: os.path.abspath(v) for k, v in (("casper", casper), ("casper_lora", casper_lora)) if v}
+    if casper_lora:
+        extra["lora_weight"] = lora_weight
+    return save_pretrained(out, model, kind, overwrite=overwrite, source=os.path.abspath(source), **extra), config

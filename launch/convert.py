@@ -21,10 +21,8 @@ import os
 import sys
 import time
 
-import converters
 from converters import registry
 from launch.common import unwritable
-from omnijax.checkpoint import save_pretrained
 
 
 def main(argv=None) -> int:
@@ -61,22 +59,14 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     try:
-        if casper:
-            dt = registry.dtype_of(args.param_dtype)
-            config, model = converters.load_casper_wan_dit(args.source, args.casper, args.casper_lora,
-                                                           lora_weight=args.lora_weight, dtype=dt, param_dtype=dt,
-                                                           progress=True)
-        else:
-            config, model = registry.load(args.kind, args.source, dtype=args.param_dtype, progress=True)
+        out, config = registry.convert_to_folder(args.kind, args.source, args.out, param_dtype=args.param_dtype,
+                                                 overwrite=args.overwrite, casper=args.casper,
+                                                 casper_lora=args.casper_lora, lora_weight=args.lora_weight,
+                                                 progress=True)
     except (ValueError, KeyError, FileNotFoundError) as e:  # ConversionError, CheckpointError, config inference
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)  # a KeyError's str() adds quotes
         print(f"error: {msg if args.source in msg else f'{args.source}: {msg}'}", file=sys.stderr)
         return 2
-    extra = {k: os.path.abspath(v) for k, v in (("casper", args.casper), ("casper_lora", args.casper_lora)) if v}
-    if args.casper_lora:
-        extra["lora_weight"] = args.lora_weight
-    out = save_pretrained(args.out, model, args.kind, overwrite=args.overwrite, source=os.path.abspath(args.source),
-                          **extra)
     print(f"wrote {out} ({args.kind}, {type(config).__name__}) in {time.time() - t0:.1f}s")
     return 0
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from converters import load_casper_wan_dit, load_wan_dit
 from converters.casper import CasperError
-from launch import convert as convert_cli
+from converters.registry import convert_to_folder
 from omnijax.checkpoint import load_pretrained
 from omnijax.models.wan import variant
 from omnijax.params import flat_params
@@ -199,15 +199,22 @@ def test_named_one_line_errors(tmp_path, base_dir, states):
         load_casper_wan_dit(str(base_dir))
 
 
-def test_convert_cli_one_command_each(tmp_path, base_dir, states):
+def write_casper_files(tmp_path, states):
+    """Casper's 1.3B transformer (.pth) and a 14B-style kohya LoRA for the base (also used by tests/launch)."""
     base, casper = states
     t_path, l_path = tmp_path / "casper.pth", tmp_path / "casper_lora.safetensors"
     torch.save({"state_dict": casper}, t_path)
     lora = _kohya_lora(base)
     save_file(lora, str(l_path))
-    run = lambda *a: convert_cli.main(["--kind", "wan_dit", "--source", str(base_dir), "--param-dtype", "f32", *a])
-    assert run("--casper", str(t_path), "--out", str(tmp_path / "c13")) == 0
-    assert run("--casper-lora", str(l_path), "--out", str(tmp_path / "c14")) == 0
+    return t_path, l_path, lora
+
+
+def test_convert_to_folder_one_call_each(tmp_path, base_dir, states):
+    base, casper = states
+    t_path, l_path, lora = write_casper_files(tmp_path, states)
+    run = lambda out, **kw: convert_to_folder("wan_dit", str(base_dir), str(tmp_path / out), param_dtype="f32", **kw)
+    run("c13", casper=str(t_path))
+    run("c14", casper_lora=str(l_path))
     _, m13 = load_pretrained(str(tmp_path / "c13"), kind="wan_dit", **F32)
     _assert_same_params(m13, load_wan_dit(casper, CFG, **F32)[1])
     _, m14 = load_pretrained(str(tmp_path / "c14"), kind="wan_dit", **F32)
@@ -215,7 +222,8 @@ def test_convert_cli_one_command_each(tmp_path, base_dir, states):
     with open(tmp_path / "c14" / "omnijax.json") as f:
         header = json.load(f)
     assert header["casper_lora"] == str(l_path) and header["lora_weight"] == 1.0
-    assert convert_cli.main(["--kind", "wan_vae", "--source", str(base_dir), "--casper", str(t_path),
-                             "--out", str(tmp_path / "x")]) == 2
-    assert run("--casper-lora", str(t_path), "--out", str(tmp_path / "y")) == 2  # a transformer is not a LoRA
+    with pytest.raises(ValueError, match="wan_dit"):
+        convert_to_folder("wan_vae", str(base_dir), str(tmp_path / "x"), casper=str(t_path))
+    with pytest.raises(CasperError):  # a transformer is not a LoRA
+        run("y", casper_lora=str(t_path))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -135,8 +135,8 @@ def test_missing_unexpected_and_misshaped_keys_are_named_together(ref_state):
     assert "single_blocks.1.linear2.weight" in msg and "(100, 64)" in msg  # wrong shape
 
 
-def test_convert_cli_writes_a_checkpoint_that_loads_back(ref_state, tmp_path):
-    from launch import convert as convert_cli
+def test_convert_to_folder_writes_a_checkpoint_that_loads_back(ref_state, tmp_path):
+    from converters.registry import convert_to_folder
     from omnijax.checkpoint import load_pretrained
 
     src = tmp_path / "flux1-tiny.safetensors"
@@ -144,8 +144,7 @@ def test_convert_cli_writes_a_checkpoint_that_loads_back(ref_state, tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"num_attention_heads": 2, "axes_dims_rope": [8, 12, 12]}, f)
     out = tmp_path / "out"
-    args = ["--source", str(src), "--kind", "flux_dit", "--out", str(out), "--param-dtype", "f32"]
-    assert convert_cli.main(args) == 0
+    convert_to_folder("flux_dit", str(src), str(out), param_dtype="f32")
     cfg, restored = load_pretrained(str(out), kind="flux_dit", dtype=jnp.float32, param_dtype=jnp.float32)
     assert cfg == variant("tiny")
     _, direct = load_flux_dit(ref_state, cfg, dtype=jnp.float32, param_dtype=jnp.float32)

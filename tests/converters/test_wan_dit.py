@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from converters import ConversionError, UnsafeCheckpointError, load_wan_dit
-from launch import convert as convert_cli
+from converters.registry import convert_to_folder
 from omnijax.checkpoint import load_pretrained
 from omnijax.models.wan import variant
 from omnijax.params import flat_params
@@ -147,14 +147,21 @@ def test_pickles_are_weights_only(tmp_path, ref_state):
             load_wan_dit(str(path))
 
 
-def test_convert_cli_writes_restorable_checkpoint(tmp_path, ref_state):
+def write_wan_source(tmp_path, ref_state) -> str:
+    """A tiny original-Wan-keyed .safetensors with its config.json beside it (also used by tests/launch)."""
     src = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in to_wan_names(ref_state).items()}, str(src))
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"num_heads": 2}, f)
+    return str(src)
+
+
+def test_convert_to_folder_writes_restorable_checkpoint(tmp_path, ref_state):
+    src = write_wan_source(tmp_path, ref_state)
     out = tmp_path / "converted"
-    assert convert_cli.main(["--source", str(src), "--kind", "wan_dit", "--out", str(out), "--param-dtype", "f32"]) == 0
-    assert convert_cli.main(["--source", str(src), "--kind", "wan_dit", "--out", str(out)]) == 2  # no silent overwrite
+    assert convert_to_folder("wan_dit", src, str(out), param_dtype="f32")[0] == str(out)
+    with pytest.raises(FileExistsError):  # no silent overwrite
+        convert_to_folder("wan_dit", src, str(out))
     cfg, restored = load_pretrained(str(out), kind="wan_dit", dtype=jnp.float32, param_dtype=jnp.float32)
     _, direct = load_wan_dit(str(src), dtype=jnp.float32, param_dtype=jnp.float32)
     assert cfg == direct.config
@@ -166,8 +173,8 @@ def test_convert_cli_writes_restorable_checkpoint(tmp_path, ref_state):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    assert convert_cli.main(["--source", str(tmp_path / "nope.safetensors"), "--kind", "wan_dit",
-                             "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        convert_to_folder("wan_dit", str(tmp_path / "nope.safetensors"), str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
     with pytest.raises(FileNotFoundError, match="launch/convert.py"):
         load_pretrained(str(tmp_path))
