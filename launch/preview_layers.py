@@ -20,8 +20,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import alphablend as ab  # noqa: E402
-from launch.preview_data import _checker, _label, tile_page  # noqa: E402
+from data.preview import labelled_page  # noqa: E402
 from omnijax.io.video import VideoError, write_image  # noqa: E402
+from omnijax.omnimatte.preview import checkerboard  # noqa: E402
 
 COLUMNS = ("composite", "foreground layer", "fg over checker", "alpha", "background")
 
@@ -39,7 +40,7 @@ def sample_tiles(s: dict, name: str = "") -> list[np.ndarray]:
         d.rectangle((0, 0, 6 * len(name) + 4, 12), fill="white")
         d.text((2, 0), name, fill="black")
         comp = np.asarray(img, np.float32) / 255
-    return [comp, s["foreground"], a * s["fg_rgb"] + (1 - a) * _checker(h, w), np.repeat(a, 3, -1),
+    return [comp, s["foreground"], a * s["fg_rgb"] + (1 - a) * checkerboard(h, w, cell=8), np.repeat(a, 3, -1),
             s["background"]]
 
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     except (VideoError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_image(a.out, _label(tile_page(rows), a.size, columns=COLUMNS))
+    write_image(a.out, labelled_page(rows, COLUMNS))
     print(f"wrote {a.out}: {len(rows)} samples of {a.size}x{a.size}")
     return 0
 

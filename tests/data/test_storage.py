@@ -120,11 +120,14 @@ def test_videomatte_and_background_folders(tmp_path):
     assert find_clips(str(root / "train" / "pha")) == [str(root / "train" / "pha" / "0000")]
 
 
-def test_preview_sheet(tmp_path):
-    from launch.preview_data import COLUMNS, main
-    from omnijax.io.video import read_video
+def test_data_sheet():
+    from data.composite import CompositeConfig
+    from data.preview import COLUMNS, data_sheet
+    from data.synthetic import SyntheticOmnimatte
 
-    out = str(tmp_path / "sheet.png")
-    assert main(["--out", out, "--n", "2", "--frames", "5", "--height", "32", "--width", "48"]) == 0
-    img, _ = read_video(out)
-    assert img.shape == (1, 16 + 2 * 36 + 4, len(COLUMNS) * 52 + 4, 3)
+    ds = SyntheticOmnimatte(CompositeConfig(num_frames=5, height=32, width=48), seed=0)
+    img = data_sheet([ds[0], ds[1]])
+    assert img.shape == (16 + 2 * 36 + 4, len(COLUMNS) * 52 + 4, 3) and img.dtype == np.uint8
+    # Tile (row 0, column 0) is the first frame of sample 0, placed after the header and the 4-pixel gap.
+    want = np.clip(np.rint(ds[0]["video"][0] * 255), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(img[16 + 4:16 + 4 + 32, 4:4 + 48], want)
