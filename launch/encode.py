@@ -19,13 +19,8 @@ import os
 import sys
 import time
 
-import numpy as np
-from tqdm.auto import tqdm
-
 from converters import registry
 from launch import common  # noqa: F401,I001  (sets XLA flags before jax initialises a backend)
-from omnijax.io.atomic import atomic_write
-from omnijax.io.video import read_video
 
 
 def main(argv=None) -> int:
@@ -45,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from converters.tokenizer import build_tiny_tokenizer, load_tokenizer
-    from omnijax.conditioning import Conditioner, EmbeddingCache
+    from omnijax.conditioning import Conditioner, EmbeddingCache, fill_cache
 
     prompts = list(args.prompts)
     if args.prompts_file:
@@ -70,31 +65,14 @@ def main(argv=None) -> int:
                 tok_dir = args.tokenizer
             cond.text_encoder = registry.load("umt5", source(args.umt5), dtype=args.dtype, progress=True)[1]
             cond.tokenizer = load_tokenizer(tok_dir)
-            for start in tqdm(range(0, len(prompts), args.batch_size), desc="prompts", unit="batch"):
-                cond.text(prompts[start:start + args.batch_size])
         if frames:
             if args.model != "tiny" and not args.clip:
                 p.error("images/videos need --clip (or --model tiny)")
             cond.image_encoder = registry.load("wan_clip", source(args.clip), dtype=args.dtype, progress=True)[1]
-            for path in tqdm(frames, desc="first frames", unit="frame"):
-                frame = read_video(path, max_frames=1)[0][:1]  # uint8 [1, H, W, 3]; images too
-                cond.image(frame.astype(np.float32) / 127.5 - 1.0)
+        ids = fill_cache(cond, prompts, frames, text_source=args.umt5 or "tiny", image_source=args.clip or "tiny")
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-    ids_path = os.path.join(args.cache, "encoders.json")
-    ids = {}
-    if os.path.isfile(ids_path):
-        with open(ids_path) as f:
-            ids = json.load(f)
-    if prompts:
-        ids["text"] = {"id": cond.text_id, "source": args.umt5 or "tiny", "max_length": args.max_length,
-                       "config": cond.text_encoder.config.to_dict()}
-    if frames:
-        ids["image"] = {"id": cond.image_id, "source": args.clip or "tiny",
-                        "config": cond.image_encoder.config.to_dict()}
-    atomic_write(ids_path, json.dumps(ids, indent=1))
     print(json.dumps({"cache": os.path.abspath(args.cache), "prompts": len(prompts), "frames": len(frames),
                       "seconds": round(time.time() - t0, 1), **{k: v["id"] for k, v in ids.items()}}))
     return 0

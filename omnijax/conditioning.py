@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from omnijax.io.atomic import atomic_path
+from omnijax.io.atomic import atomic_path, atomic_write
 
 KINDS = ("text", "image")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
@@ -270,3 +270,37 @@ class Conditioner:
             return np.stack(compute(list(range(len(frames)))))
         return np.stack(self.cache.get_or_compute_many("image", [_frame_bytes(f) for f in frames], self._id("image"),
                                                        compute))
+
+
+ENCODERS_FILE = "encoders.json"  # in a cache folder: the identities of the encoders that filled it
+
+
+def fill_cache(cond: Conditioner, prompts: Sequence[str] = (), frame_files: Sequence[str] = (), *,
+               text_source: str = "", image_source: str = "", progress: bool = True) -> dict:
+    """Encodes `prompts` (in batches of cond.batch_size) and the first frame of each image or video file into
+    cond's cache, skipping cached entries, then records the encoders' identities in DIR/encoders.json (merged with
+    what the file holds), so that a reader without the models (Conditioner(text_id=..., image_id=...)) finds the
+    entries. `text_source` / `image_source` are recorded beside the identities. Returns that record."""
+    from tqdm.auto import tqdm
+
+    from omnijax.io.video import read_video
+
+    if cond.cache is None:
+        raise ValueError("fill_cache needs a Conditioner with a cache")
+    for start in tqdm(range(0, len(prompts), cond.batch_size), desc="prompts", unit="batch", disable=not progress):
+        cond.text(list(prompts[start:start + cond.batch_size]))
+    for path in tqdm(frame_files, desc="first frames", unit="frame", disable=not progress):
+        frame = read_video(path, max_frames=1)[0][:1]  # uint8 [1, H, W, 3]; images too
+        cond.image(frame.astype(np.float32) / 127.5 - 1.0)
+    ids_path = os.path.join(cond.cache.directory, ENCODERS_FILE)
+    ids = {}
+    if os.path.isfile(ids_path):
+        with open(ids_path) as f:
+            ids = json.load(f)
+    if prompts:
+        ids["text"] = {"id": cond.text_id, "source": text_source, "max_length": cond.max_length,
+                       "config": cond.text_encoder.config.to_dict()}
+    if frame_files:
+        ids["image"] = {"id": cond.image_id, "source": image_source, "config": cond.image_encoder.config.to_dict()}
+    atomic_write(ids_path, json.dumps(ids, indent=1))
+    return ids

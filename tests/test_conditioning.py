@@ -14,6 +14,7 @@ from omnijax.conditioning import (
     Conditioner,
     EmbeddingCache,
     encoder_identity,
+    fill_cache,
     read_safetensors,
     write_safetensors,
 )
@@ -136,15 +137,10 @@ def test_safetensors_round_trip_and_errors(tmp_path):
         EmbeddingCache.key("audio", b"", "id")
 
 
-def test_encode_cli_tiny(tmp_path):
-    import json
-
+def _two_frame_video(path: str) -> str:
     import av
 
-    from launch.encode import main
-
-    video = str(tmp_path / "clip.mp4")
-    with av.open(video, "w") as c:
+    with av.open(path, "w") as c:
         s = c.add_stream("mpeg4", rate=8)
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
         for i in range(2):
@@ -152,22 +148,27 @@ def test_encode_cli_tiny(tmp_path):
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)
-    cache = str(tmp_path / "cache")
-    assert main(["--cache", cache, "--model", "tiny", "--dtype", "f32", "--max-length", "64",
-                 "--prompts", "a dog", "", "--video", video]) == 0
-    with open(os.path.join(cache, "encoders.json")) as f:
-        ids = json.load(f)
-    # A reader without models finds the entries; they equal a direct computation with the same tiny encoders.
-    reader = Conditioner(EmbeddingCache(cache), text_id=ids["text"]["id"], image_id=ids["image"]["id"], max_length=64)
-    text = UMT5Encoder(umt5_variant("tiny"), rngs=nnx.Rngs(0), **F32)
-    tok = load_tokenizer(os.path.join(cache, "tiny_tokenizer"))
-    for got, want in zip(reader.text(["a dog", ""]), encode_prompts(text, tok, ["a dog", ""], 64)):
-        np.testing.assert_array_equal(got, want)
+    return path
+
+
+def test_fill_cache_serves_a_reader_without_models(tmp_path):
+    import json
+
     from omnijax.io.video import read_video
 
-    frame = read_video(video, max_frames=1)[0][0].astype(np.float32) / 127.5 - 1.0
-    assert frame.shape == (48, 64, 3) and frame.min() >= -1 and frame.max() <= 1
+    video = _two_frame_video(str(tmp_path / "clip.mp4"))
+    cache = str(tmp_path / "cache")
+    text = UMT5Encoder(umt5_variant("tiny"), rngs=nnx.Rngs(0), **F32)
     image = CLIPVisionTower(clip_variant("tiny"), rngs=nnx.Rngs(0), **F32)
+    tok = load_tokenizer(tiny_tokenizer_dir())
+    cond = Conditioner(EmbeddingCache(cache), text_encoder=text, tokenizer=tok, image_encoder=image, max_length=64)
+    ids = fill_cache(cond, ["a dog", ""], [video], text_source="t5-src", image_source="clip-src", progress=False)
+    with open(os.path.join(cache, "encoders.json")) as f:
+        assert json.load(f) == ids
+    assert ids["text"]["source"] == "t5-src" and ids["image"]["source"] == "clip-src"
+    # A reader without models finds the entries; they equal a direct computation with the same encoders.
+    reader = Conditioner(EmbeddingCache(cache), text_id=ids["text"]["id"], image_id=ids["image"]["id"], max_length=64)
+    for got, want in zip(reader.text(["a dog", ""]), encode_prompts(text, tok, ["a dog", ""], 64)):
+        np.testing.assert_array_equal(got, want)
+    frame = read_video(video, max_frames=1)[0][0].astype(np.float32) / 127.5 - 1.0
     np.testing.assert_array_equal(reader.image(frame[None]), encode_frames(image, frame[None]))
-    with pytest.raises(SystemExit):  # nothing to encode
-        main(["--cache", cache, "--model", "tiny"])
