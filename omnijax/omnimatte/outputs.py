@@ -2,7 +2,8 @@
 
   background.mp4                 the clean background (H.264, preset veryfast, crf 18)
   object_K/rgba/00000.png ...    RGBA layer as a PNG sequence (zlib level 1)
-  object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt)
+  object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt;
+                                 a keyframe every 24 frames, the runs encoded in parallel)
   object_K/alpha.mp4             the alpha matte as a grey video
   preview.png                    omnijax.omnimatte.preview.layer_sheet at 4 frames
 """

@@ -90,6 +90,42 @@ def test_rgba_video_keeps_alpha(tmp_path, suffix):
     assert read_mask(path, threshold=None).shape == (9, 48, 64)
 
 
+@pytest.mark.parametrize("suffix", [".webm", ".mov"])
+def test_rgba_video_in_runs_is_one_stream_in_frame_order(tmp_path, suffix):
+    """Runs of frames encoded by separate encoders on a pool come back as one stream: every frame where it was
+    (each frame of this clip has its own brightness, so a run muxed out of order fails), a keyframe at the start
+    of each run, increasing timestamps, the frame rate kept."""
+    import av
+
+    clip = _clip(f=11)
+    clip[..., 2] = (np.arange(11) * 20 + 20).astype(np.uint8)[:, None, None]
+    path = str(tmp_path / ("layer" + suffix))
+    assert write_rgba_video(path, iter(clip), fps=16, keyframe_every=4, workers=3) == (11, 48, 64)
+    back, fps = read_video(path, alpha=True)
+    assert back.shape == clip.shape and fps == pytest.approx(16)
+    per_frame_blue = back[..., 2].reshape(11, -1).mean(1)
+    np.testing.assert_allclose(per_frame_blue, clip[..., 2].reshape(11, -1).mean(1), atol=3)
+    assert np.abs(back[..., 3].astype(int) - clip[..., 3]).max() <= 2
+    with av.open(path) as c:
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size]
+    pts = [p.pts for p in packets]
+    assert pts == sorted(pts) and len(set(pts)) == 11
+    keys = [i for i, p in enumerate(sorted(packets, key=lambda p: p.pts)) if p.is_keyframe]
+    assert keys == ([0, 4, 8] if suffix == ".webm" else list(range(11)))  # ProRes frames are all keyframes
+    assert _no_temp_files(tmp_path) == []
+
+
+def test_rgba_video_in_runs_fails_whole(tmp_path):
+    frames = [np.zeros((16, 16, 4), np.uint8)] * 5 + [np.zeros((8, 8, 4), np.uint8)]
+    with pytest.raises(VideoError, match="frame 5: size"):
+        write_rgba_video(str(tmp_path / "x.webm"), frames, fps=8, keyframe_every=2, workers=2)
+    with pytest.raises(VideoError, match="keyframe_every"):
+        write_rgba_video(str(tmp_path / "x.webm"), frames, fps=8, keyframe_every=0)
+    with pytest.raises(VideoError, match="no frames"):
+        write_rgba_video(str(tmp_path / "x.webm"), [], fps=8)
+    assert os.listdir(tmp_path) == []
+
+
 def test_write_image_and_single_image_read(tmp_path):
     img = _clip(f=1)[0]
     path = str(tmp_path / "one.png")
