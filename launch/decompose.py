@@ -32,7 +32,8 @@ compiling (omnijax/compile_cache.py).
 Output layout in --out:
   background.mp4                 the clean background (H.264, preset veryfast, crf 18)
   object_K/rgba/00000.png ...    RGBA layer as a PNG sequence (zlib level 1)
-  object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt)
+  object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt;
+                                 a keyframe every 24 frames, the runs encoded in parallel)
   object_K/alpha.mp4             the alpha matte as a grey video
   report.json                    recomposition PSNR per object, stage timings (and each file's writer), start-up
                                  (imports and checks, the backend's start), JAX's tracing / lowering / compiling
@@ -404,8 +405,11 @@ class StageTimings(dict):
         self.peak_gb[stage] = peak_memory_gb()
 
 
-def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
-    """Reads and decomposes one clip. Returns a function writing its files into a folder (returns the report)."""
+def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict, inputs=None):
+    """Decomposes one clip. Returns a function writing its files into a folder (returns the report).
+
+    inputs: a future of `read_inputs`' result for this clip (read ahead on a thread while the models loaded or the
+      previous clip ran; "read" is then the time spent waiting for it); None reads the clip here."""
     import jax
 
     from omnijax.omnimatte.decompose import SamplerSettings, decompose_video
@@ -413,7 +417,8 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict):
 
     t0 = time.perf_counter()
     timings = StageTimings()
-    video8, masks8, fps = read_inputs(clip.video, clip.masks, args.max_frames)
+    video8, masks8, fps = (inputs.result() if inputs is not None
+                           else read_inputs(clip.video, clip.masks, args.max_frames))
     n, h, w, _ = video8.shape
     timings["read"] = time.perf_counter() - t0
     settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
@@ -472,6 +477,11 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
         return done, failed
     from tqdm.auto import tqdm
 
+    # One clip is read ahead on its own thread (PyAV and numpy release the GIL): the first while the models load,
+    # each next one while the previous clip runs on the device. At most one clip waits in memory.
+    reader = concurrent.futures.ThreadPoolExecutor(1)
+    read_ahead = lambda c: reader.submit(read_inputs, c.video, c.masks, args.max_frames)
+    ahead = read_ahead(ready[0])
     bar = tqdm(total=1 + 2 * len(ready), desc="decompose", unit="stage", file=sys.stderr)
     bar.set_postfix_str("load models")
     import jax
@@ -480,7 +490,11 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
     jax.devices()  # the backend's start-up (CUDA, the XLA client) on its own, not inside the first model's load
     startup = dict(to_run=round(s - T_START, 3), backend=round(time.perf_counter() - s, 3))
     s = time.perf_counter()
-    decomposer = build_decomposer(args)
+    try:
+        decomposer = build_decomposer(args)
+    except BaseException:
+        reader.shutdown(cancel_futures=True)
+        raise
     shared = dict(load_models_s=round(time.perf_counter() - s, 3), peak_memory_gb_after_load=peak_memory_gb(),
                   compile_cache=cache_dir, startup_s=startup)
     bar.update()
@@ -492,12 +506,13 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
             bar.update()
 
     # One writer thread: clip i's files are encoded (on its own pool) while clip i+1 is read and decomposed.
-    with concurrent.futures.ThreadPoolExecutor(1) as writer:
+    with concurrent.futures.ThreadPoolExecutor(1) as writer, reader:
         pending = []
         for i, clip in enumerate(ready):
             bar.set_postfix_str(f"clip {i + 1}/{len(ready)}" if len(ready) > 1 else "clip")
+            inputs, ahead = ahead, read_ahead(ready[i + 1]) if i + 1 < len(ready) else None
             try:
-                write = decompose_clip(clip, decomposer, args, height, shared)
+                write = decompose_clip(clip, decomposer, args, height, shared, inputs)
                 bar.update()
                 pending.append((clip, writer.submit(publish_and_count, clip.out, write)))
             except InputError as e:

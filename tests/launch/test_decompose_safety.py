@@ -5,6 +5,7 @@ where only the checks, the driver and the writing are under test (the real model
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -283,6 +284,38 @@ def test_batch_goes_on_after_a_failed_clip(tmp_path, capsys, echo_models):
         assert np.abs(bg.astype(float) - src).mean() < 6  # the echo background is the input (3.5 measured)
     assert not any((tmp_path / o).exists() for o in ("ob", "oc", "oe"))
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+
+
+def test_batch_reads_one_clip_ahead(tmp_path, monkeypatch, echo_models):
+    """The next clip is read while the current one runs (so a batch does not wait for reading), and never more
+    than one clip ahead (so a long batch does not fill the memory)."""
+    clips = [_clip(tmp_path, name) for name in "abc"]
+    started, ahead_while_running, ahead_at_start = [], [], []
+    real_read, real_clip = decompose.read_inputs, decompose.decompose_clip
+
+    def read(video, masks, max_frames):
+        started.append(video)
+        return real_read(video, masks, max_frames)
+
+    def decompose_clip(clip, *a, **k):
+        i = [v for v, _ in clips].index(clip.video)
+        ahead_at_start.append(len(started) - (i + 1))
+        write = real_clip(clip, *a, **k)
+        want = min(i + 2, len(clips))
+        deadline = time.monotonic() + 5
+        while len(started) < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ahead_while_running.append(len(started) >= want)
+        return write
+
+    monkeypatch.setattr(decompose, "read_inputs", read)
+    monkeypatch.setattr(decompose, "decompose_clip", decompose_clip)
+    args = [x for n, (v, m) in zip("abc", clips)
+            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    assert decompose.main([*args, "--model", "tiny", "--no-compile-cache"]) == 0
+    assert started == [v for v, _ in clips]  # in order, each once
+    assert ahead_while_running == [True, True, True]
+    assert max(ahead_at_start) <= 1
 
 
 def test_manifest(tmp_path, capsys, echo_models):
