@@ -10,8 +10,10 @@ Prints one JSON object and writes it to $OUT/bench_attention.json when $OUT is s
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,6 +77,69 @@ def padded_vs_plain(n, pad_to=128):
     return out
 
 
+# --- Exact attention over a key count the fast kernels do not tile (tried for issue 19, 2026-11-29: no faster).
+# Attention over all S keys is the merge of attention over the first S - S mod block keys (a kernel's aligned
+# path) and over the few remaining, each weighted by its log-sum-exp of the scaled logits:
+#   out = (exp(lse_a - m) out_a + exp(lse_b - m) out_b) / (exp(lse_a - m) + exp(lse_b - m)),  m = max(lse_a, lse_b)
+# (the softmax over all keys written as two sums). tests/benchmarks/test_attention_split.py checks the merge on
+# the CPU; the aligned part here is JAX's Pallas Mosaic-GPU FlashAttention-3 kernel, which returns its lse.
+
+def dense_partial(q, k, v, scale: float):
+    """Softmax attention of q [B, L, H, D] over k, v [B, S, H, D] in f32: (out [B, L, H, D], lse [B, L, H])."""
+    s = jnp.einsum("blhd,bshd->blhs", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    den = jnp.sum(p, axis=-1)
+    out = jnp.einsum("blhs,bshd->blhd", p, v.astype(jnp.float32)) / den[..., None]
+    return out, m + jnp.log(den)
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Attention over the union of two key sets from each set's (out [B, L, H, D], lse [B, L, H])."""
+    m = jnp.maximum(lse_a, lse_b)
+    wa, wb = jnp.exp(lse_a - m)[..., None], jnp.exp(lse_b - m)[..., None]
+    return (out_a.astype(jnp.float32) * wa + out_b.astype(jnp.float32) * wb) / (wa + wb)
+
+
+def split_key_attention(q, k, v, *, aligned: Callable, block: int, scale: float | None = None):
+    """Softmax attention of q [B, L, H, D] over k, v [B, S, H, D], the first S - S mod `block` keys through
+    `aligned(q, k, v, scale) -> (out, lse)` and the rest through `dense_partial`. Returns q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cut = k.shape[1] // block * block
+    if cut == 0:
+        return dense_partial(q, k, v, scale)[0].astype(q.dtype)
+    out_a, lse_a = aligned(q, k[:, :cut], v[:, :cut], scale)
+    if cut == k.shape[1]:
+        return out_a.astype(q.dtype)
+    out_b, lse_b = dense_partial(q, k[:, cut:], v[:, cut:], scale)
+    return merge_partials(out_a, lse_a, out_b, lse_b).astype(q.dtype)
+
+
+def mgpu_partial(q, k, v, scale: float, *, block_q: int = 64, block_kv: int = 128, steps: int = 2):
+    """(out, lse) of JAX's Pallas Mosaic-GPU FlashAttention-3 kernel (Hopper GPUs). The kernel takes float16
+    only in this JAX, no scale and whole tiles of queries: q is scaled in f32 and cast, the queries are padded
+    to its 2 x block_q tile (the extra rows are dropped; keys untouched), and its base-2 log-sum-exp is
+    converted to natural log. Key count: a multiple of block_kv."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
+
+    lq = q.shape[1]
+    pad = -lq % (2 * block_q)
+    q16 = jnp.pad((q.astype(jnp.float32) * scale).astype(jnp.float16), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    config = fa3.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=steps)
+    out, (lse2,) = fa3.attention(q16, k.astype(jnp.float16), v.astype(jnp.float16), config, save_residuals=True)
+    return out[:, :lq], jnp.swapaxes(lse2[:, :, :lq], 1, 2) * math.log(2.0)
+
+
+def mgpu_attention(q, k, v, *, scale: float | None = None, block_kv: int = 128):
+    """Exact attention through the FA3 kernel for any key count (see the module doc)."""
+    return split_key_attention(q, k, v, aligned=lambda *a: mgpu_partial(*a, block_kv=block_kv), block=block_kv,
+                               scale=scale)
+
+
+def _mgpu(q, k, v, block_kv=128):
+    return mgpu_attention(q, k, v, block_kv=block_kv)
+
+
 def forward_variants(n=32760, up=32768):
     """Exact reformulations of the n-token self-attention forward (inference), each checked against the plain call.
 
@@ -92,6 +157,8 @@ def forward_variants(n=32760, up=32768):
         "split_queries_128": lambda q, k, v: jnp.concatenate(
             [_attn(q[:, :cut], k, v), _attn(padq(q[:, cut:], 128), k, v)[:, :n - cut]], axis=1),
         "pad_all_masked": lambda q, k, v: _attn(padq(q, up), padq(k, up), padq(v, up), n, n)[:, :n],
+        "mgpu_split_keys (FA3 fp16 on 128-multiple keys + dense remainder, merged by lse)": _mgpu,
+        "mgpu_split_keys block_kv 64": lambda q, k, v: _mgpu(q, k, v, 64),
         "diag_pad_keys_unmasked(inexact)": lambda q, k, v: _attn(q, padq(k, up), padq(v, up)),
         "diag_pad_all_unmasked(inexact)": lambda q, k, v: _attn(padq(q, up), padq(k, up), padq(v, up))[:, :n],
     }
