@@ -265,6 +265,14 @@ def _frames(frames: np.ndarray | Iterable, channels: tuple[int, ...]) -> Iterato
         yield f
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, e.g. under taskset), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _sized(frames: Iterable, channels: tuple[int, ...], even: bool) -> Iterator[np.ndarray]:
     """uint8 [H, W, C] frames of one size (odd sizes padded by repeating the last row/column when `even`)."""
     size = None
@@ -316,7 +324,7 @@ def _encode_chunked(path: str, frames: Iterable, fps: float, codec: str, pix_fmt
     parallelise within a frame only as far as its tiles and rows allow (VP9 at 480x832: a few cores); runs of
     frames are independent, so they fill the rest. At most 2 x workers runs of frames are held at once."""
     rate = fractions.Fraction(fps).limit_denominator(1001)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cpus() // workers)
 
     def encode(start: int, run: list[np.ndarray]) -> list:
         ctx = av.CodecContext.create(codec, "w")
@@ -394,8 +402,8 @@ def write_rgba_video(path: str, frames: np.ndarray | Iterable, fps: float, *, fa
       fast: VP9 at libvpx's realtime deadline, cpu-used 8 (5x faster); False: good deadline, cpu-used 4.
       keyframe_every: a keyframe every this many frames, each run of frames encoded by its own encoder on a
         thread pool (module doc: one VP9 encoder uses few of many cores); None: one encoder, one keyframe.
-      workers: runs encoded at once (default: a quarter of the CPU count, 1 to 8), each encoder given
-        CPU count / workers threads.
+      workers: runs encoded at once (default: a quarter of the usable CPUs, 1 to 8), each encoder given
+        usable CPUs / workers threads.
 
     Returns:
       (frames written, height, width).
@@ -412,7 +420,7 @@ def write_rgba_video(path: str, frames: np.ndarray | Iterable, fps: float, *, fa
     opts = {"profile": "4444"} if codec == "prores_ks" else {"crf": "15", "b": "0", "row-mt": "1", **speed}
     if keyframe_every is None:
         return _encode(path, frames, fps, codec, pix, "rgba", opts, even=True, channels=(4,))
-    workers = workers or min(8, max(1, (os.cpu_count() or 1) // 4))
+    workers = workers or min(8, max(1, usable_cpus() // 4))
     return _encode_chunked(path, frames, fps, codec, pix, "rgba", opts, keyframe_every, workers)
 
 
@@ -445,7 +453,7 @@ def write_frames(folder: str, frames: np.ndarray | Iterable, *, pattern: str = "
       folder: target folder; an existing one is replaced when `overwrite`, else VideoError.
       frames: uint8 or float [F, H, W], [F, H, W, 3] or [F, H, W, 4], or an iterable of frames.
       pattern: file name pattern taking the frame index.
-      workers: threads encoding frames at once (default: the CPU count, at most 8; 1 encodes in this thread).
+      workers: threads encoding frames at once (default: the usable CPUs, at most 8; 1 encodes in this thread).
         At most 2 x workers frames are in flight, so an iterable source is still streamed.
 
     Returns:
@@ -454,7 +462,7 @@ def write_frames(folder: str, frames: np.ndarray | Iterable, *, pattern: str = "
     folder = os.path.abspath(folder)
     if os.path.exists(folder) and not overwrite:
         raise VideoError(f"{folder}: exists (pass overwrite=True to replace it)")
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(8, usable_cpus())
     n = 0
     with atomic_path(folder, directory=True) as tmp:
 

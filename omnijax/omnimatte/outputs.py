@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from omnijax.io.video import to_uint8, write_frames, write_image, write_rgba_video, write_video
+from omnijax.io.video import to_uint8, usable_cpus, write_frames, write_image, write_rgba_video, write_video
 from omnijax.omnimatte.preview import layer_sheet
 
 
@@ -28,7 +28,7 @@ def write_outputs(folder, video, background, alphas, foregrounds, fps, workers: 
     {file name relative to folder: seconds its writer took}; raises the first failure after all writers stopped.
 
     video: the input clip, uint8 or float in [0, 1] (only the preview reads it); the layers float in [0, 1]."""
-    workers = workers or min(16, os.cpu_count() or 1)
+    workers = workers or min(16, usable_cpus())
 
     def rgba(fg, a):  # uint8 RGBA frames, made as the encoder asks for them (3x faster than concatenating floats)
         for i in range(len(a)):
