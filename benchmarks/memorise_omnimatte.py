@@ -166,13 +166,13 @@ def sampled_latents(decomposer, host: dict, *, steps: int, tau: float, seed: int
     from omnijax.omnimatte.decompose import SamplerSettings
 
     seen, decode = [], decomposer._decode
-    decomposer._decode = lambda z: (seen.append(np.asarray(z)), decode(z))[1]
+    decomposer._decode = lambda z, i: (seen.append(np.asarray(z)[int(i)]), decode(z, i))[1]
     try:
         decomposer(host["video"][0], host["mask"][0][None], SamplerSettings(steps=steps, tau=tau, seed=seed))
     finally:
         decomposer._decode = decode
     assert len(seen) == 2, f"expected one background and one alpha decode, got {len(seen)}"
-    return seen[0][0], seen[1][0]
+    return seen[0], seen[1]
 
 
 def reference_sample(experts, batch, *, steps: int, tau: float, seed: int = 0, shift: float = 5.0):

@@ -35,7 +35,9 @@ Output layout in --out:
   object_K/rgba.webm             RGBA layer as VP9 video with alpha (crf 15, realtime deadline, cpu-used 8, row-mt;
                                  a keyframe every 24 frames, the runs encoded in parallel)
   object_K/alpha.mp4             the alpha matte as a grey video
-  report.json                    recomposition PSNR per object, stage timings (and each file's writer), start-up
+  report.json                    recomposition PSNR per object, stage timings (the device stages are dispatched
+                                 without waiting, so each is the time from the previous stage's result to its
+                                 own: omnijax.omnimatte.decompose.StageClock; and each file's writer), start-up
                                  (imports and checks, the backend's start), JAX's tracing / lowering / compiling
                                  or cache loading so far in the process (jax_compile_s), settings
   preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,

@@ -11,6 +11,11 @@ background (and the union alpha), pass k removes object k alone and gives alpha_
 The sampler (omnijax.sampling.dual_expert) is jitted once per shape; seed and tau are runtime values. Clips
 longer than one 81-frame window use temporal multidiffusion (21-latent windows, 4-latent overlap).
 
+A clip's stages (VAE encode, conditioning, sampler, one decode per video, the layers at the input size) are
+dispatched one after another without waiting for results: the device runs them in order while the host traces,
+lowers or loads the next stage's program (in a fresh process, seconds per stage). `StageClock` times each stage
+from the previous stage's result to its own.
+
 `decompose_video` is the whole job on a video of any size and frame count: fit to the processing size (height,
 width a multiple of 16) and to 4k+1 frames (ping-pong), run a `Decomposer`, resize back, recover each object's
 foreground (eq. 2) and measure the recomposition PSNR. The CLI (launch/decompose.py) and the trainer's preview
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -69,6 +76,42 @@ def sampler_passes(object_masks) -> np.ndarray:
     return eye if k == 1 else np.concatenate([np.ones((1, k), bool), eye])
 
 
+class StageClock:
+    """Seconds per stage of work dispatched ahead: a thread waits for each stage's outputs in the order they were
+    marked and records when they became ready, while the caller goes on dispatching later stages.
+
+    A device runs its programs in dispatch order, so a stage's time is from the previous stage's result to its own;
+    the host's tracing, lowering and program loading for a stage hide behind the device work of the stages before
+    it instead of adding to it. `timings[name]` accumulates (a dict, e.g. launch/decompose.py's StageTimings).
+    """
+
+    def __init__(self, timings: dict):
+        self.timings, self._last = timings, time.perf_counter()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._watch, name="stage-clock", daemon=True)
+        self._thread.start()
+
+    def mark(self, name: str, outputs) -> None:
+        """`outputs` (any pytree of arrays) complete stage `name`."""
+        self._queue.put((name, outputs))
+
+    def close(self) -> None:
+        """Waits until every marked stage is ready (or failed) and its time recorded."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while (item := self._queue.get()) is not None:
+            name, outputs = item
+            try:
+                jax.block_until_ready(outputs)
+            except Exception:  # noqa: BLE001  (a failed stage: the caller's own wait raises the error)
+                pass
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self._last
+            self._last = now
+
+
 class Decomposer:
     """Runs the models of one decomposition: VAE, conditioning, the two experts and the jitted sampler.
 
@@ -106,7 +149,10 @@ class Decomposer:
         # Unit-range video [F, H, W, 3] in, latent [1, T, h, w, 16] out; latent [1, T, h, w, 16] in, [-1, 1] out.
         self._encode = jit_module_fn(vae, lambda m, v: m.encode(v[None] * 2.0 - 1.0,
                                                                  frames_per_step=encode_frames_per_step))
-        self._decode = jit_module_fn(vae, lambda m, z: m.decode(z, frames_per_step=decode_frames_per_step))
+        # Latents [P, T, h, w, 16] and a pass index in, that pass's decoded video [1, F, H, W, 3] in [-1, 1] out: one
+        # program for the background and every alpha, fed straight from the sampler's output on the device.
+        self._decode = jit_module_fn(vae, lambda m, z, i: m.decode(jax.lax.dynamic_slice_in_dim(z, i, 1, 0),
+                                                                    frames_per_step=decode_frames_per_step))
         # The glue between the models as a few compiled programs, not dozens of eager ops (each of which a new
         # process traces, and looks up in or adds to the compilation cache). Built per instance, so that each
         # Decomposer traces the module's mask and condition functions as they are when it first runs (a jit of the
@@ -115,8 +161,8 @@ class Decomposer:
             return _conditions(latent, object_masks, context, clip, seed, select=select, dilation=dilation)
 
         self._conditions = jax.jit(conditions, static_argnames=("select", "dilation"))
-        self._to_unit = jax.jit(lambda v: (v[0] + 1.0) * 0.5)
-        self._to_alpha = jax.jit(lambda v: video_to_alpha(v)[0])
+        self._to_layers = jax.jit(lambda bg, alphas: ((bg[0] + 1.0) * 0.5,
+                                                      jnp.stack([video_to_alpha(a)[0] for a in alphas])))
 
     def set_experts(self, effect, quality) -> None:
         """Uses these experts' current values from now on (e.g. the adapters of a training step). They must have
@@ -135,66 +181,63 @@ class Decomposer:
         return jnp.asarray(text), jnp.asarray(clip)
 
     def __call__(self, video, object_masks, settings: SamplerSettings = SamplerSettings(), *, prompt: str = "",
-                 timings: dict | None = None):
+                 timings: dict | None = None, clock: StageClock | None = None):
         """Decomposes one clip at processing resolution.
+
+        Every stage is dispatched without waiting for the one before (the device runs them in order), so the host
+        prepares the sampler while the VAE encodes and the decoder while the sampler runs.
 
         Args:
           video: [F, H, W, 3] float in [0, 1], F = 4k+1, H and W multiples of 16.
           object_masks: [K, F, H, W] in {0, 1} (coarse object masks, no effects).
           settings: steps, tau, seed, multidiffusion layout, mask dilation.
-          timings: optional dict that receives seconds per stage.
+          timings: optional dict that receives seconds per stage (`StageClock`).
+          clock: a StageClock to mark the stages on and leave open (the caller marks later stages and closes
+            it); without one, the call waits for its stages and records them in `timings`.
         Returns:
-          (background [F, H, W, 3], alphas [K, F, H, W]) as float32 numpy arrays in [0, 1].
+          (background [F, H, W, 3], alphas [K, F, H, W]) as float32 jax arrays in [0, 1].
         """
-        timings = {} if timings is None else timings
         f, hh, ww, _ = video.shape
         k = object_masks.shape[0]
         if object_masks.shape[1:] != (f, hh, ww):
             raise ValueError(f"object masks {object_masks.shape} do not match the video {video.shape}")
+        own_clock = clock is None
+        clock = StageClock({} if timings is None else timings) if own_clock else clock
+        try:
+            context, clip = self.condition(video, prompt)
+            clock.mark("encoders", (context, clip))
+            latent = self._encode(np.asarray(video, np.float32))  # [1, T, h, w, 16]
+            select = tuple(tuple(bool(v) for v in row) for row in sampler_passes(object_masks))  # [P, K]
+            y, z, context, clip = self._conditions(latent, np.asarray(object_masks, np.float32), context, clip,
+                                                   np.int32(settings.seed), select=select,
+                                                   dilation=settings.dilation)
+            clock.mark("vae_encode", y)
 
-        clock = time.perf_counter()
+            p = len(select)
+            cond = {"params": self._state, "y": y, "context": context, "clip": clip}
+            windows = TemporalWindows(latent.shape[1], settings.window, settings.overlap)
+            if windows.active:
+                cond.update(y=split_windows(cond["y"], windows),
+                            context=repeat_for_windows(cond["context"], windows),
+                            clip=repeat_for_windows(cond["clip"], windows))
+            else:
+                windows = None
+            sigmas = inference_sigmas(settings.steps, settings.shift)
+            out = self._sample(z, sigmas, switch_index(sigmas, settings.tau), cond, windows)
+            clock.mark("sampler", out)
 
-        def lap(name):
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = timings.get(name, 0.0) + now - clock
-            clock = now
-
-        context, clip = self.condition(video, prompt)
-        lap("encoders")
-        latent = self._encode(np.asarray(video, np.float32))  # [1, T, h, w, 16]
-        select = tuple(tuple(bool(v) for v in row) for row in sampler_passes(object_masks))  # [P, K]
-        y, z, context, clip = self._conditions(latent, np.asarray(object_masks, np.float32), context, clip,
-                                               np.int32(settings.seed), select=select, dilation=settings.dilation)
-        jax.block_until_ready(y)
-        lap("vae_encode")
-
-        p = len(select)
-        cond = {"params": self._state, "y": y, "context": context, "clip": clip}
-        windows = TemporalWindows(latent.shape[1], settings.window, settings.overlap)
-        if windows.active:
-            cond.update(y=split_windows(cond["y"], windows),
-                        context=repeat_for_windows(cond["context"], windows),
-                        clip=repeat_for_windows(cond["clip"], windows))
-        else:
-            windows = None
-        sigmas = inference_sigmas(settings.steps, settings.shift)
-        out = self._sample(z, sigmas, switch_index(sigmas, settings.tau), cond, windows)
-        jax.block_until_ready(out)
-        lap("sampler")
-
-        # One latent video per decode call: the background and every alpha share one compiled decoder, and the
-        # decoder's working memory is that of one video (81x480x832 with two objects in one call ran out of memory
-        # on a 141 GB H200, docs/benchmarks.md).
-        latents = jax.device_get(out)  # on the host, so that picking one video is no device program
-        background = np.asarray(self._to_unit(self._decode(latents["background"][:1])), np.float32)
-        alpha_latents = latents["alpha"][1:] if p > 1 else latents["alpha"]
-        alphas = np.stack([np.asarray(self._to_alpha(self._decode(alpha_latents[i:i + 1])), np.float32)
-                           for i in range(alpha_latents.shape[0])])
-        result = background, alphas
-        lap("vae_decode")
-        assert result[1].shape[0] == k
-        return result
+            # One latent video per decode call: the background and every alpha share one compiled decoder, and the
+            # decoder's working memory is that of one video (81x480x832 with two objects in one call ran out of
+            # memory on a 141 GB H200, docs/benchmarks.md).
+            background = self._decode(out["background"], np.int32(0))
+            alphas = tuple(self._decode(out["alpha"], np.int32(i)) for i in (range(1, p) if p > 1 else range(1)))
+            background, alphas = self._to_layers(background, alphas)
+            clock.mark("vae_decode", (background, alphas))
+        finally:
+            if own_clock:
+                clock.close()
+        assert alphas.shape[0] == k
+        return background, alphas
 
 
 def _conditions(latent, object_masks, context, clip, seed, *, select, dilation):
@@ -245,11 +288,12 @@ def resize(x, size, method="linear"):
     return np.asarray(_resize_jit(x, size=tuple(size), method=method))
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _layers_at(video, background, alphas, *, size):
-    """The layers at the input's `size`: background and alphas resized and clipped to [0, 1], each object's
-    foreground (eq. 2) and its recomposition PSNR [K], in one compiled program (objects one after another, so the
-    working memory beyond the outputs is one object's)."""
+@functools.partial(jax.jit, static_argnames=("size", "frames"))
+def _layers_at(video, background, alphas, *, size, frames):
+    """The layers at the input's `size` and first `frames` frames: background and alphas resized and clipped to
+    [0, 1], each object's foreground (eq. 2) and its recomposition PSNR [K], in one compiled program (objects one
+    after another, so the working memory beyond the outputs is one object's)."""
+    background, alphas = background[:frames], alphas[:, :frames]
     background = jnp.clip(_resize(background, size), 0.0, 1.0)
 
     def one(alpha):
@@ -309,9 +353,12 @@ def decompose_video(decomposer: Decomposer, video, object_masks, settings: Sampl
     idx = pingpong_indices(n, target)
     small = resize(video, (ph, pw))[idx]
     small_masks = np.stack([resize(m, (ph, pw)) for m in masks])[:, idx]
-    background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings)
-    start = time.perf_counter()
-    background, alphas, fgs, psnr = jax.device_get(_layers_at(video, background[:n], alphas[:, :n], size=(h, w)))
-    psnr = [float(v) for v in psnr]
-    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - start
-    return Layers(background, alphas, fgs, psnr, (ph, pw), target, timings)
+    clock = StageClock(timings)
+    try:
+        background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings, clock=clock)
+        layers = _layers_at(video, background, alphas, size=(h, w), frames=n)
+        clock.mark("postprocess", layers)
+    finally:
+        clock.close()
+    background, alphas, fgs, psnr = jax.device_get(layers)
+    return Layers(background, alphas, fgs, [float(v) for v in psnr], (ph, pw), target, timings)

@@ -25,7 +25,7 @@ class FakeDecomposer:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, video, masks, settings, *, prompt="", timings=None):
+    def __call__(self, video, masks, settings, *, prompt="", timings=None, clock=None):
         self.calls.append((video.shape, masks.shape))
         return np.repeat(video.mean(0, keepdims=True), len(video), 0), masks.astype(np.float32)
 

@@ -1,0 +1,44 @@
+"""omnijax.omnimatte.decompose.StageClock: stages timed when their outputs are ready, not when dispatched."""
+
+import time
+
+import pytest
+
+from omnijax.omnimatte.decompose import StageClock
+
+
+class Pending:
+    """Stands in for a device array still being computed: ready at a given time (or failing then)."""
+
+    def __init__(self, ready_at, error=False):
+        self.ready_at, self.error = ready_at, error
+
+    def block_until_ready(self):
+        time.sleep(max(0.0, self.ready_at - time.perf_counter()))
+        if self.error:
+            raise RuntimeError("device failure")
+        return self
+
+
+def test_stages_are_timed_between_results():
+    timings = {"sampler": 1.0}  # accumulates onto what is there
+    t0 = time.perf_counter()
+    clock = StageClock(timings)
+    clock.mark("vae_encode", Pending(t0 + 0.3))
+    clock.mark("sampler", {"z": Pending(t0 + 0.5), "n": 3})
+    clock.mark("vae_decode", (Pending(t0 + 0.55), Pending(t0 + 0.9)))
+    assert time.perf_counter() - t0 < 0.1  # marking never waits
+    clock.close()
+    assert timings["vae_encode"] == pytest.approx(0.3, abs=0.08)
+    assert timings["sampler"] == pytest.approx(1.2, abs=0.08)
+    assert timings["vae_decode"] == pytest.approx(0.4, abs=0.08)  # the slowest of its outputs
+
+
+def test_a_failed_stage_does_not_stop_the_clock():
+    timings = {}
+    t0 = time.perf_counter()
+    clock = StageClock(timings)
+    clock.mark("sampler", Pending(t0 + 0.1, error=True))
+    clock.mark("vae_decode", Pending(t0 + 0.2))
+    clock.close()
+    assert set(timings) == {"sampler", "vae_decode"}
