@@ -191,9 +191,9 @@ class Decomposer:
           video: [F, H, W, 3] float in [0, 1], F = 4k+1, H and W multiples of 16.
           object_masks: [K, F, H, W] in {0, 1} (coarse object masks, no effects).
           settings: steps, tau, seed, multidiffusion layout, mask dilation.
-          timings: optional dict that receives seconds per stage (`StageClock`).
-          clock: a StageClock to mark the stages on and leave open (the caller marks later stages and closes
-            it); without one, the call waits for its stages and records them in `timings`.
+          timings: optional dict that receives seconds per stage (`StageClock`); unused when `clock` is given.
+          clock: a StageClock to mark the stages on and leave open (the caller marks later stages, closes it and
+            finds the times in its dict); without one, the call waits for its stages and records them in `timings`.
         Returns:
           (background [F, H, W, 3], alphas [K, F, H, W]) as float32 jax arrays in [0, 1].
         """
