@@ -86,7 +86,7 @@ class StageClock:
     """
 
     def __init__(self, timings: dict):
-        self.timings, self._last = timings, time.perf_counter()
+        self.timings, self._last, self._error = timings, time.perf_counter(), None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._watch, name="stage-clock", daemon=True)
         self._thread.start()
@@ -95,20 +95,26 @@ class StageClock:
         """`outputs` (any pytree of arrays) complete stage `name`."""
         self._queue.put((name, outputs))
 
-    def close(self) -> None:
-        """Waits until every marked stage is ready (or failed) and its time recorded."""
+    def close(self, *, check: bool = True) -> None:
+        """Waits until every marked stage is ready (or failed) and its time recorded; then raises the first stage's
+        error (a failed device program), unless `check` is False (the caller is already raising one)."""
         self._queue.put(None)
         self._thread.join()
+        if check and self._error is not None:
+            raise self._error
 
     def _watch(self) -> None:
         while (item := self._queue.get()) is not None:
             name, outputs = item
             try:
                 jax.block_until_ready(outputs)
-            except Exception:  # noqa: BLE001  (a failed stage: the caller's own wait raises the error)
-                pass
+            except Exception as e:  # noqa: BLE001  (raised by close(), in the caller's thread)
+                self._error = self._error or e
             now = time.perf_counter()
-            self.timings[name] = self.timings.get(name, 0.0) + now - self._last
+            try:
+                self.timings[name] = self.timings.get(name, 0.0) + now - self._last
+            except Exception as e:  # noqa: BLE001  (e.g. a timings dict that records more; never stop the clock)
+                self._error = self._error or e
             self._last = now
 
 
@@ -161,8 +167,9 @@ class Decomposer:
             return _conditions(latent, object_masks, context, clip, seed, select=select, dilation=dilation)
 
         self._conditions = jax.jit(conditions, static_argnames=("select", "dilation"))
-        self._to_layers = jax.jit(lambda bg, alphas: ((bg[0] + 1.0) * 0.5,
-                                                      jnp.stack([video_to_alpha(a)[0] for a in alphas])))
+        self._to_unit = jax.jit(lambda v: (v[0] + 1.0) * 0.5)
+        self._to_alpha = jax.jit(lambda v: video_to_alpha(v)[0])
+        self._stack = jax.jit(jnp.stack)
 
     def set_experts(self, effect, quality) -> None:
         """Uses these experts' current values from now on (e.g. the adapters of a training step). They must have
@@ -228,14 +235,18 @@ class Decomposer:
 
             # One latent video per decode call: the background and every alpha share one compiled decoder, and the
             # decoder's working memory is that of one video (81x480x832 with two objects in one call ran out of
-            # memory on a 141 GB H200, docs/benchmarks.md).
-            background = self._decode(out["background"], np.int32(0))
-            alphas = tuple(self._decode(out["alpha"], np.int32(i)) for i in (range(1, p) if p > 1 else range(1)))
-            background, alphas = self._to_layers(background, alphas)
+            # memory on a 141 GB H200, docs/benchmarks.md). Each decoded RGB video is reduced (to [0, 1], or to one
+            # alpha channel) by the next program, so only the reduced arrays stay.
+            background = self._to_unit(self._decode(out["background"], np.int32(0)))
+            alphas = self._stack(tuple(self._to_alpha(self._decode(out["alpha"], np.int32(i)))
+                                       for i in (range(1, p) if p > 1 else range(1))))
             clock.mark("vae_decode", (background, alphas))
-        finally:
+        except BaseException:
             if own_clock:
-                clock.close()
+                clock.close(check=False)
+            raise
+        if own_clock:
+            clock.close()
         assert alphas.shape[0] == k
         return background, alphas
 
@@ -358,7 +369,11 @@ def decompose_video(decomposer: Decomposer, video, object_masks, settings: Sampl
         background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings, clock=clock)
         layers = _layers_at(video, background, alphas, size=(h, w), frames=n)
         clock.mark("postprocess", layers)
-    finally:
-        clock.close()
-    background, alphas, fgs, psnr = jax.device_get(layers)
+    except BaseException:
+        clock.close(check=False)
+        raise
+    clock.close()
+    start = time.perf_counter()
+    background, alphas, fgs, psnr = jax.device_get(layers)  # the copy to the host is part of the postprocess
+    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - start
     return Layers(background, alphas, fgs, [float(v) for v in psnr], (ph, pw), target, timings)
