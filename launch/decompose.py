@@ -395,8 +395,9 @@ def peak_memory_gb() -> float | None:
 
 
 class StageTimings(dict):
-    """A timings dict that also notes the device's peak memory so far whenever a stage's time is recorded, so
-    the report shows which stage raised the peak (decompose_video fills it stage by stage)."""
+    """A timings dict that also notes the device's peak memory so far whenever a stage's time is recorded, i.e.
+    when the stage's result is ready (decompose_video's StageClock). Later stages are dispatched by then and may
+    already hold memory, so a stage's figure is an upper bound on the peak up to it; the last is the clip's."""
 
     def __init__(self):
         super().__init__()
@@ -474,15 +475,27 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
             ready.append(clip)
         except InputError as e:
             failed.append((clip, str(e), 2))
-    done = []
     if not ready:
-        return done, failed
-    from tqdm.auto import tqdm
-
+        return [], failed
     # One clip is read ahead on its own thread (PyAV and numpy release the GIL): the first while the models load,
     # each next one while the previous clip runs on the device. At most one clip waits in memory.
     reader = concurrent.futures.ThreadPoolExecutor(1)
-    read_ahead = lambda c: reader.submit(read_inputs, c.video, c.masks, args.max_frames)
+    try:
+        done = _load_and_run(args, ready, failed, height, cache_dir,
+                             lambda c: reader.submit(read_inputs, c.video, c.masks, args.max_frames))
+    except BaseException:
+        reader.shutdown(wait=False, cancel_futures=True)  # report the error now, not after a read in progress
+        raise
+    reader.shutdown()
+    return done, failed
+
+
+def _load_and_run(args, ready: list[Clip], failed: list, height: int, cache_dir, read_ahead) -> list:
+    """Loads the models, then decomposes each clip (read ahead by `read_ahead(clip)` -> future) and writes it while
+    the next one runs. Appends failures to `failed`; returns [(clip, report)] of the clips written."""
+    from tqdm.auto import tqdm
+
+    done = []
     ahead = read_ahead(ready[0])
     bar = tqdm(total=1 + 2 * len(ready), desc="decompose", unit="stage", file=sys.stderr)
     bar.set_postfix_str("load models")
@@ -492,11 +505,7 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
     jax.devices()  # the backend's start-up (CUDA, the XLA client) on its own, not inside the first model's load
     startup = dict(to_run=round(s - T_START, 3), backend=round(time.perf_counter() - s, 3))
     s = time.perf_counter()
-    try:
-        decomposer = build_decomposer(args)
-    except BaseException:
-        reader.shutdown(cancel_futures=True)
-        raise
+    decomposer = build_decomposer(args)
     shared = dict(load_models_s=round(time.perf_counter() - s, 3), peak_memory_gb_after_load=peak_memory_gb(),
                   compile_cache=cache_dir, startup_s=startup)
     bar.update()
@@ -508,7 +517,7 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
             bar.update()
 
     # One writer thread: clip i's files are encoded (on its own pool) while clip i+1 is read and decomposed.
-    with concurrent.futures.ThreadPoolExecutor(1) as writer, reader:
+    with concurrent.futures.ThreadPoolExecutor(1) as writer:
         pending = []
         for i, clip in enumerate(ready):
             bar.set_postfix_str(f"clip {i + 1}/{len(ready)}" if len(ready) > 1 else "clip")
@@ -530,7 +539,7 @@ def run(args, clips: list[Clip]) -> tuple[list, list]:
             except Exception as e:  # noqa: BLE001
                 failed.append((clip, f"writing failed: {type(e).__name__}: {e}".splitlines()[0], 1))
     bar.close()  # before any error line, so that line stays last
-    return done, failed
+    return done
 
 
 def _publish_report(out, write):

@@ -318,6 +318,25 @@ def test_batch_reads_one_clip_ahead(tmp_path, monkeypatch, echo_models):
     assert max(ahead_at_start) <= 1
 
 
+def test_model_failure_is_reported_without_waiting_for_the_read_ahead(tmp_path, monkeypatch):
+    """The first clip is read while the models load; a load failure is raised at once, not after that read."""
+    video, mask = _clip(tmp_path, "a")
+
+    def slow_read(*a):
+        time.sleep(3)
+        raise AssertionError("never used")
+
+    def build(args):
+        raise ModelsBuilt("checkpoint unreadable")
+
+    monkeypatch.setattr(decompose, "read_inputs", slow_read)
+    monkeypatch.setattr(decompose, "build_decomposer", build)
+    start = time.monotonic()
+    with pytest.raises(ModelsBuilt):
+        _main(video, [mask], str(tmp_path / "out"), tmp_path=tmp_path)
+    assert time.monotonic() - start < 2
+
+
 def test_manifest(tmp_path, capsys, echo_models):
     v, m = _clip(tmp_path, "a")
     manifest = tmp_path / "clips.json"
