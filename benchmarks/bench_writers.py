@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 import omnijax.omnimatte.outputs as outputs  # noqa: E402
 from benchmarks.common import emit  # noqa: E402
-from omnijax.io.video import write_rgba_video, write_video  # noqa: E402
+from omnijax.io.video import usable_cpus, write_rgba_video, write_video  # noqa: E402
 
 RUNS = [(None, None), (24, 4), (16, 6), (12, 8), (27, 3), (24, 2), (24, 8)]  # (keyframe_every, workers)
 
@@ -38,7 +38,7 @@ def main(argv=None):
     fg, alpha = rng.random((1, *shape, 3), dtype=np.float32), rng.random((1, *shape), dtype=np.float32)
     background, video = rng.random((*shape, 3), dtype=np.float32), rng.random((*shape, 3), dtype=np.float32)
     rgba = np.concatenate([np.rint(fg[0] * 255), np.rint(alpha[0][..., None] * 255)], -1).astype(np.uint8)
-    res = {"frames": a.frames, "size": [a.height, a.width], "cpus": len(os.sched_getaffinity(0)), "webm": {}}
+    res = {"frames": a.frames, "size": [a.height, a.width], "cpus": usable_cpus(), "webm": {}}
     with tempfile.TemporaryDirectory() as d:
         for every, workers in RUNS:
             t = time.perf_counter()

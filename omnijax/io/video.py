@@ -322,7 +322,8 @@ def _encode_chunked(path: str, frames: Iterable, fps: float, codec: str, pix_fmt
     """`_encode` with every run of `chunk` frames encoded by its own encoder (so each run starts on a keyframe),
     up to `workers` runs at once, their packets muxed in frame order into one stream. An encoder's own threads
     parallelise within a frame only as far as its tiles and rows allow (VP9 at 480x832: a few cores); runs of
-    frames are independent, so they fill the rest. At most 2 x workers runs of frames are held at once."""
+    frames are independent, so they fill the rest. Memory: up to 2 x workers runs waiting to be muxed (frames and
+    packets) plus the run being filled."""
     rate = fractions.Fraction(fps).limit_denominator(1001)
     threads = max(1, usable_cpus() // workers)
 
@@ -403,7 +404,7 @@ def write_rgba_video(path: str, frames: np.ndarray | Iterable, fps: float, *, fa
       keyframe_every: a keyframe every this many frames, each run of frames encoded by its own encoder on a
         thread pool (module doc: one VP9 encoder uses few of many cores); None: one encoder, one keyframe.
       workers: runs encoded at once (default: a quarter of the usable CPUs, 1 to 8), each encoder given
-        usable CPUs / workers threads.
+        usable CPUs / workers threads; unused with one encoder.
 
     Returns:
       (frames written, height, width).
@@ -413,6 +414,8 @@ def write_rgba_video(path: str, frames: np.ndarray | Iterable, fps: float, *, fa
         raise VideoError(f"{path}: RGBA video needs a .webm (VP9) or .mov (ProRes 4444) name")
     if keyframe_every is not None and keyframe_every < 1:
         raise VideoError(f"keyframe_every must be >= 1 frame or None, got {keyframe_every}")
+    if workers is not None and workers < 1:
+        raise VideoError(f"workers must be >= 1, got {workers}")
     codec, pix = RGBA_CODECS[suffix]
     # libvpx's default (good, cpu-used 0..1) takes seconds per frame; good/4 keeps the quality near it;
     # realtime/8 is 5x faster again for a slightly larger file (measurements in the module doc).

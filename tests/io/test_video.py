@@ -121,6 +121,8 @@ def test_rgba_video_in_runs_fails_whole(tmp_path):
         write_rgba_video(str(tmp_path / "x.webm"), frames, fps=8, keyframe_every=2, workers=2)
     with pytest.raises(VideoError, match="keyframe_every"):
         write_rgba_video(str(tmp_path / "x.webm"), frames, fps=8, keyframe_every=0)
+    with pytest.raises(VideoError, match="workers"):
+        write_rgba_video(str(tmp_path / "x.webm"), frames, fps=8, workers=0)
     with pytest.raises(VideoError, match="no frames"):
         write_rgba_video(str(tmp_path / "x.webm"), [], fps=8)
     assert os.listdir(tmp_path) == []
