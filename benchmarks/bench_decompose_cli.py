@@ -86,21 +86,15 @@ def write_checkpoints(folder: str, tiny: bool) -> dict:
 
 def seed_text_cache(cache: str, flags: dict, text_dim: int, dtype: str) -> None:
     """The empty-prompt entry and the umT5 identity alias, as a first real run would leave them."""
-    import argparse as ap
-
     import numpy as np
 
-    from launch.decompose import _text_alias_path
-    from omnijax.conditioning import EmbeddingCache
-    from omnijax.io.atomic import atomic_write
+    from omnijax.conditioning import EmbeddingCache, remember_text_id, umt5_sources
 
-    args = ap.Namespace(cache=cache, model="wan", umt5=flags["umt5"], tokenizer=flags["tokenizer"], dtype=dtype,
-                        seed=0)
     text_id = "bench-random-umt5"
     c = EmbeddingCache(cache)
     c.store("text", c.key("text", b"", text_id), np.random.default_rng(0).standard_normal((1, text_dim)).astype(
         np.float32))
-    atomic_write(_text_alias_path(args), json.dumps({"text_id": text_id}))
+    remember_text_id(cache, umt5_sources(flags["umt5"], flags["tokenizer"], dtype), text_id)
 
 
 def run_cli(argv: list[str], env: dict) -> dict:

@@ -311,7 +311,9 @@ def main(argv=None):
 
     import jax
 
-    from launch import common  # noqa: F401  (XLA flags before jax starts)
+    from omnijax.xla_flags import setup_xla_flags
+
+    setup_xla_flags()  # before jax initialises a backend
     from omnijax.io.atomic import atomic_write
     from omnijax.io.video import write_image
 

@@ -417,7 +417,9 @@ def main(argv=None) -> int:
         flags.FLAGS(sys.argv[:1])
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
-    from launch import common  # noqa: F401,I001  (omnijax's XLA flags, before jax initialises a backend)
+    from omnijax.xla_flags import setup_xla_flags
+
+    setup_xla_flags()  # before jax initialises a backend
     import jax
 
     from omnijax.io.atomic import atomic_write

@@ -186,7 +186,9 @@ def main(argv=None):
         p.error("--size must be a positive multiple of 16, --steps, --sampler-steps and --lr positive")
 
     from benchmarks.common import emit
-    from launch import common  # noqa: F401  (XLA flags before jax starts)
+    from omnijax.xla_flags import setup_xla_flags
+
+    setup_xla_flags()  # before jax initialises a backend
 
     t0 = time.perf_counter()
     m = memorise(tiny=args.tiny, size=size, steps=steps, lr=lr, sampler_steps=args.sampler_steps)

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -232,45 +231,27 @@ def read_inputs(video_path: str, mask_paths: list[str], max_frames: int | None):
 # ----------------------------------------------------------------------------------------------- models
 
 
-def _source_stamp(path: str) -> list:
-    """What identifies a weights source without reading it: every file's path, size, mtime and inode."""
-    path = os.path.realpath(path)
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
-    return [(f, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [os.stat(f)]]
+def _umt5_sources(args):
+    """The identity the embedding cache remembers umT5 by (omnijax.conditioning.text_alias_path)."""
+    from omnijax.conditioning import umt5_sources
 
-
-def _text_alias_path(args) -> str | None:
-    """Where the umT5 identity of these exact sources is remembered (in the embedding cache), so that a later run
-    whose prompt embedding is cached never loads umT5 (22 GB at full size) nor its tokenizer."""
-    if not args.cache:
-        return None
     if args.model == "tiny":
-        stamp = ["tiny", args.seed + 2]  # build_decomposer's seed of the umT5 row
-    else:
-        stamp = [_source_stamp(args.umt5), _source_stamp(args.tokenizer), args.dtype]
-    key = hashlib.sha256(json.dumps(stamp, default=str).encode()).hexdigest()
-    return os.path.join(args.cache, "sources", f"umt5-{key}.json")
+        return ["tiny", args.seed + 2]  # build_decomposer's seed of the umT5 row
+    return umt5_sources(args.umt5, args.tokenizer, args.dtype)
 
 
 def cached_text_id(args) -> str | None:
     """The umT5 identity when both it and the prompt's embedding are already cached, else None."""
-    from omnijax.conditioning import EmbeddingCache
+    from omnijax import conditioning
 
-    alias = _text_alias_path(args)
-    try:
-        with open(alias) as f:
-            text_id = json.load(f)["text_id"]
-    except (TypeError, OSError, ValueError, KeyError):
-        return None
-    cache = EmbeddingCache(args.cache)
-    return text_id if cache.load("text", cache.key("text", args.prompt.encode(), text_id)) is not None else None
+    return conditioning.cached_text_id(args.cache, _umt5_sources(args), args.prompt) if args.cache else None
 
 
 def build_decomposer(args):
     from flax import nnx
 
     from converters import registry
-    from omnijax.io.atomic import atomic_write
+    from omnijax.conditioning import remember_text_id
     from omnijax.omnimatte.branch import EasyOmnimatte
     from omnijax.omnimatte.decompose import Decomposer
     from omnijax.omnimatte.experts import EXPERT_KINDS
@@ -298,7 +279,7 @@ def build_decomposer(args):
         cond.text_id = text_id
     elif args.cache:
         cond.text([args.prompt])  # computed and cached now, so that the next run can skip umT5
-        atomic_write(_text_alias_path(args), json.dumps({"text_id": cond.text_id}))
+        remember_text_id(args.cache, _umt5_sources(args), cond.text_id)
         cond.text_encoder = models["umt5"] = None  # not needed again in this process: free it
     experts = []
     for i, name in enumerate(("effect", "quality")):

@@ -275,6 +275,42 @@ class Conditioner:
 ENCODERS_FILE = "encoders.json"  # in a cache folder: the identities of the encoders that filled it
 
 
+def source_stamp(path: str) -> list:
+    """What identifies a weights source without reading it: every file's path, size, mtime and inode."""
+    path = os.path.realpath(path)
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    return [(f, st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [os.stat(f)]]
+
+
+def umt5_sources(umt5: str, tokenizer: str, dtype: str) -> list:
+    """The identity of a umT5 encoder loaded from these files in this dtype (`text_alias_path`'s `sources`)."""
+    return [source_stamp(umt5), source_stamp(tokenizer), dtype]
+
+
+def text_alias_path(cache: str, sources) -> str:
+    """Where, in the embedding cache folder `cache`, the umT5 identity (`Conditioner.text_id`) of these exact
+    sources is remembered, so that a later run whose prompt embedding is cached never loads umT5 (22 GB at full
+    size) nor its tokenizer. `sources`: `umt5_sources(...)`, or any JSON-able identity (a tiny model's seed)."""
+    key = hashlib.sha256(json.dumps(sources, default=str).encode()).hexdigest()
+    return os.path.join(cache, "sources", f"umt5-{key}.json")
+
+
+def remember_text_id(cache: str, sources, text_id: str) -> None:
+    """Records `text_id` as the identity of `sources` (see `text_alias_path`)."""
+    atomic_write(text_alias_path(cache, sources), json.dumps({"text_id": text_id}))
+
+
+def cached_text_id(cache: str, sources, prompt: str) -> str | None:
+    """The umT5 identity of `sources` when both it and `prompt`'s embedding are already cached, else None."""
+    try:
+        with open(text_alias_path(cache, sources)) as f:
+            text_id = json.load(f)["text_id"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    emb = EmbeddingCache(cache)
+    return text_id if emb.load("text", emb.key("text", prompt.encode(), text_id)) is not None else None
+
+
 def fill_cache(cond: Conditioner, prompts: Sequence[str] = (), frame_files: Sequence[str] = (), *,
                text_source: str = "", image_source: str = "", progress: bool = True) -> dict:
     """Encodes `prompts` (in batches of cond.batch_size) and the first frame of each image or video file into

@@ -172,3 +172,26 @@ def test_fill_cache_serves_a_reader_without_models(tmp_path):
         np.testing.assert_array_equal(got, want)
     frame = read_video(video, max_frames=1)[0][0].astype(np.float32) / 127.5 - 1.0
     np.testing.assert_array_equal(reader.image(frame[None]), encode_frames(image, frame[None]))
+
+
+def test_cached_text_id_needs_the_same_sources_and_the_prompt(tmp_path):
+    """A remembered umT5 identity is used only for the exact same files (a rewritten file is another source) and
+    only when the prompt's embedding is in the cache too."""
+    from omnijax.conditioning import EmbeddingCache, cached_text_id, remember_text_id, umt5_sources
+
+    umt5, tok = tmp_path / "umt5.pth", tmp_path / "tok"
+    umt5.write_bytes(b"weights")
+    tok.mkdir()
+    (tok / "spiece.model").write_bytes(b"vocab")
+    cache = str(tmp_path / "cache")
+    sources = umt5_sources(str(umt5), str(tok), "bf16")
+    remember_text_id(cache, sources, "umt5-id")
+    assert cached_text_id(cache, sources, "") is None  # no embedding of the prompt yet
+    emb = EmbeddingCache(cache)
+    emb.store("text", emb.key("text", b"", "umt5-id"), np.zeros((1, 4), np.float32))
+    assert cached_text_id(cache, sources, "") == "umt5-id"
+    assert cached_text_id(cache, sources, "a cat") is None
+    assert cached_text_id(cache, umt5_sources(str(umt5), str(tok), "f32"), "") is None
+    st = os.stat(umt5)
+    os.utime(umt5, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cached_text_id(cache, umt5_sources(str(umt5), str(tok), "bf16"), "") is None
