@@ -4,7 +4,7 @@
      (one compiled loop; text + composite + foreground + background = 512 + 3 x 1024 tokens), VAE decode of the
      two layers; peak memory;
   3. one training step (LoRA rank 128 on the image stream, all three image segments adapted, per-block remat,
-     AdamW): time, MFU, memory. `step_s` is the step as launch/train.py's loop runs it (the host reads a step's
+     AdamW): time, MFU, memory. `step_s` is the step as tasks/trainer.py's loop runs it (the host reads a step's
      metrics after dispatching the next); `step_synced_s` waits for every step before dispatching the next.
      The batch holds latents already encoded (the trainer's VAE pass is excluded: stage 2's encode time x 3 is
      its cost).
@@ -194,7 +194,7 @@ def main(argv=None):
             jax.block_until_ready(metrics)
             ts.append(time.perf_counter() - t)
         synced_s = float(np.median(ts))
-        # As launch/train.py runs its loop: a step's metrics are read (the non-finite guard) after the next step
+        # As tasks/trainer.py runs its loop: a step's metrics are read (the non-finite guard) after the next step
         # is dispatched, so the device never waits for the host between steps.
         t, previous = time.perf_counter(), None
         for i in range(timed_steps):

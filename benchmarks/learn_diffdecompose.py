@@ -10,7 +10,7 @@ Stages (each skipped when --workdir already holds its result, so a rerun resumes
   vae    a Flux VAE trained from scratch (omnijax.training.autoencoder.fit_autoencoder) on the composites,
          foregrounds and backgrounds of the first --vae-pool training samples; no published VAE can be downloaded.
          -> WORKDIR/vae (a converted folder), WORKDIR/vae_history.json
-  train  launch/train.py's `train` on configs/diffdecompose.py:learn (the "small" DiT, every weight trained,
+  train  tasks/trainer.py's `train` on configs/diffdecompose.py:learn (the "small" DiT, every weight trained,
          128x128 watermarks, batch 16), the trained VAE as model_init.vae. -> WORKDIR/train
   eval   N held-out samples (another data seed, so other procedural marks and backgrounds than training drew):
          background RMSE x256 (LOGO), masked RMSE x256 (inside the mark), PSNR of the predicted background vs the
@@ -134,10 +134,10 @@ def stage_train(config, workdir: str, log) -> dict:
     if done:
         log(f"train: {wd} holds step {config.total_steps}, skipped")
     else:
-        from launch import train as train_cli
+        from tasks.trainer import train
 
         log(f"train: {config.total_steps} steps of batch {config.input.batch_size} in {wd}")
-        train_cli.train(config, wd)
+        train(config, wd)
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return dict(curve=[[r["step"], r["loss"]] for r in rows],

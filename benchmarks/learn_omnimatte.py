@@ -6,7 +6,7 @@ resumes from its own checkpoint):
            videos, backgrounds and alphas; the tiny umT5 / CLIP stand-ins saved beside it (fixed random encoders:
            the empty prompt's embedding is a constant, the image features random projections of frame 0)
   base     the "small-inp" Wan Fun-InP DiT pretrained to inpaint the background (configs/inpaint_base.py,
-           tasks/inpaint.py) through launch/train.py's train()
+           tasks/inpaint.py) through tasks/trainer.py's train()
   analysis launch/analyze_blocks.py on the pretrained base (its K against round(L/3))
   effect   configs/effect_expert.py:base=small through the same trainer
   quality  configs/quality_expert.py:base=small
@@ -145,14 +145,14 @@ def _models(wd) -> dict:
 
 
 def _train(config_file: str, arg: str, overrides: dict, workdir: str, log) -> list:
-    """launch/train.py's train() on `config_file:arg` with `overrides` ({dotted key: value}); its loss curve."""
+    """tasks/trainer.py's train() on `config_file:arg` with `overrides` ({dotted key: value}); its loss curve."""
     import importlib
     import logging as pylogging
 
     from absl import logging
 
     from configs.common import override
-    from launch.train import train
+    from tasks.trainer import train
 
     config = importlib.import_module(config_file).get_config(arg)
     with config.unlocked():

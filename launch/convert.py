@@ -22,7 +22,8 @@ import sys
 import time
 
 from converters import registry
-from launch.common import unwritable
+from launch import common  # noqa: F401  (sets XLA flags before jax initialises a backend)
+from omnijax.io.atomic import unwritable
 
 
 def main(argv=None) -> int:

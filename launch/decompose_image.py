@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from launch import common  # noqa: E402  (sets XLA flags first)
+from launch import common  # noqa: E402,F401  (sets XLA flags first)
+from omnijax.io.atomic import unwritable  # noqa: E402
 
 
 class InputError(ValueError):
@@ -141,7 +142,7 @@ def check_model_args(args):
 def check_out(out: str):
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise InputError(f"--out {out} exists and is not an empty folder (nothing is overwritten)")
-    why = common.unwritable(out)
+    why = unwritable(out)
     if why:
         raise InputError(f"--out {out}: {why}")
 

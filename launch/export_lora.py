@@ -20,7 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.common import unwritable  # noqa: E402
+from launch import common  # noqa: E402,F401  (sets XLA flags first)
+from omnijax.io.atomic import unwritable  # noqa: E402
 from omnijax.omnimatte import lora_io  # noqa: E402
 from omnijax.omnimatte.experts import ExpertConfig  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tasks: what the one trainer (launch/train.py) trains, behind a protocol of six functions.
+"""Tasks: what the one trainer (tasks/trainer.py, run by launch/train.py) trains, behind a protocol of six functions.
 
 `config.task` names the task: a key of TASKS ("omnimatte") or a dotted module path, so a new task is a new
 module plus a new config, with no change to the trainer. A task module binds a config to the library

@@ -61,3 +61,17 @@ def atomic_write(path: str, data: str | bytes) -> str:
     with atomic_path(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     return path
+
+
+def unwritable(path: str) -> str | None:
+    """Why `path` (a file or folder to create or replace) cannot be written, or None: checked before any model is
+    built, so a bad output place costs no minutes of loading and compiling."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None

@@ -12,8 +12,8 @@ from safetensors.numpy import save_file
 
 from configs import effect_expert
 from launch import convert
-from launch import train as train_cli
 from tasks import SetupError
+from tasks.trainer import train
 from tests.launch.runlocal import runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,10 +40,10 @@ def test_lr_1e30_stops_and_a_sane_lr_resumes_from_the_kept_checkpoint(tmp_path, 
     quick = {"ckpt_steps": 1, "total_steps": 3, "evals.preview_steps": 100, "evals.export_formats": ("omnijax",),
              "input.frames": 5, "input.height": 32, "input.width": 32}
     with pytest.raises(SystemExit, match=r"the last good checkpoint is step 1 .*deleted checkpoint\(s\) \[2\]"):
-        train_cli.train(_config(lr=1e30, **quick), work)
+        train(_config(lr=1e30, **quick), work)
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["1"]
     caplog.set_level("INFO")
-    train_cli.train(_config(lr=1e-3, **quick), work)
+    train(_config(lr=1e-3, **quick), work)
     assert "resumed from step 1" in caplog.text
     assert "changed settings: lr 1e+30 -> 0.001" in caplog.text
     with open(os.path.join(work, "metrics.jsonl")) as f:
@@ -62,7 +62,7 @@ def test_lr_1e30_stops_and_a_sane_lr_resumes_from_the_kept_checkpoint(tmp_path, 
 def test_trainer_checks_before_work(tmp_path, override, message):
     work = tmp_path / "run"
     with pytest.raises(SetupError, match=message.replace("(", r"\(").replace("+", r"\+")):
-        train_cli.train(_config(**override), str(work))
+        train(_config(**override), str(work))
     assert not work.exists()  # nothing was written, nothing built
 
 
@@ -70,7 +70,7 @@ def test_trainer_workdir_that_is_a_file(tmp_path):
     f = tmp_path / "file"
     f.write_text("keep")
     with pytest.raises(SetupError, match="exists and is not a folder"):
-        train_cli.train(_config(), str(f))
+        train(_config(), str(f))
     assert f.read_text() == "keep"
 
 

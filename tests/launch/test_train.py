@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from configs import effect_expert, quality_expert
-from launch import train as train_cli
 from omnijax.omnimatte.lora_io import read_lora_file
 from tasks import SetupError
 from tasks import omnimatte as task
+from tasks.trainer import train
 from tests.launch.runlocal import logged_losses, runlocal_config
 
 
@@ -23,10 +23,10 @@ def _lora(workdir, name="effect", fmt="omnijax"):
 def test_effect_expert_resume_is_exact(tmp_path):
     """Stop at step 3 and resume to 6 == an uninterrupted 6-step run (data order, rng, adapters, optimizer)."""
     full = str(tmp_path / "full")
-    train_cli.train(runlocal_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 6}), full)
+    train(runlocal_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 6}), full)
     split = str(tmp_path / "split")
-    train_cli.train(runlocal_config(effect_expert, total_steps=3, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
-    train_cli.train(runlocal_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
+    train(runlocal_config(effect_expert, total_steps=3, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
+    train(runlocal_config(effect_expert, total_steps=6, ckpt_steps=3, **{"evals.preview_steps": 100}), split)
     a, b = logged_losses(full), logged_losses(split)
     steps = [1, 2, 3, 4, 5, 6]
     assert sorted(a) == sorted(b) == steps
@@ -54,7 +54,7 @@ def test_sharded_run_equals_single_device_run(tmp_path):
                        ("eight", dict(data=2, fsdp=4, context=1, tensor=1))):
         config = runlocal_config(effect_expert, total_steps=2, ckpt_steps=2, mesh=mesh, **small)
         workdir = str(tmp_path / name)
-        state = train_cli.train(config, workdir)
+        state = train(config, workdir)
         trained_base = {k: np.asarray(v) for k, v in _flat(state[0]["base"]).items()}
         runs[name] = logged_losses(workdir), _lora(workdir), trained_base
         if name == "eight":
@@ -88,13 +88,13 @@ def _flat(state):
 
 def test_quality_expert_runlocal_smoke(tmp_path):
     out = str(tmp_path / "q")
-    train_cli.train(runlocal_config(quality_expert, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100}), out)
+    train(runlocal_config(quality_expert, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100}), out)
     losses = logged_losses(out)
     assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
     assert os.path.isfile(os.path.join(out, "lora_quality_omnijax.safetensors"))
     # A resume with other adapter settings stops at the restore with one line naming both.
     with pytest.raises(SetupError, match=r"trained with .*'rank': 4.* this config gives .*'rank': 8"):
-        train_cli.train(runlocal_config(quality_expert, total_steps=3, **{"lora.rank": 8}), out)
+        train(runlocal_config(quality_expert, total_steps=3, **{"lora.rank": 8}), out)
 
 
 def test_expert_k_and_analysis_are_exclusive(tmp_path):

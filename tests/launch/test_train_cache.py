@@ -10,13 +10,13 @@ import pytest
 from configs import effect_expert
 from data.latent_cache import LATENT_KEYS, LOGVAR_KEYS, LatentSource, cache_latents, posterior_encoder
 from data.pipeline import fit_to_latent
-from launch import train as train_cli
 from omnijax.models.wan import vae as vae_lib
 from omnijax.omnimatte.decompose import jit_module_fn
 from omnijax.omnimatte.masks import latent_mask, removal_mask
 from omnijax.omnimatte.training import PIXEL_KEYS
 from tasks import SetupError
 from tasks import omnimatte as task
+from tasks.trainer import train
 from tests.launch.runlocal import logged_losses, runlocal_config
 from tests.torch_refs import rel_err
 
@@ -44,7 +44,7 @@ def test_train_from_latent_cache_never_runs_the_encoder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vae_lib.Encoder, "__call__", refuse)
     out = str(tmp_path / "run")
-    train_cli.train(config, out)
+    train(config, out)
     losses = logged_losses(out)
     assert sorted(losses) == [1, 2] and np.isfinite(list(losses.values())).all()
     assert os.path.isfile(os.path.join(out, "lora_effect_omnijax.safetensors"))

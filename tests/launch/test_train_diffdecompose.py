@@ -7,10 +7,10 @@ import os
 import numpy as np
 
 from configs import diffdecompose
-from launch import train as train_cli
 from omnijax.diffdecompose.lora_io import read_extra
 from omnijax.models.flux.lora_files import load_flux_lora
 from omnijax.models.flux.variants import variant
+from tasks.trainer import train
 from tests.launch.runlocal import logged_losses, runlocal_config
 
 
@@ -23,7 +23,7 @@ def _config(**overrides):
 def test_runlocal_trains_resumes_previews_and_exports(tmp_path):
     wd = str(tmp_path / "dd")
     cache = str(tmp_path / "cond")
-    train_cli.train(_config(total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100,
+    train(_config(total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 100,
                                                             "input.conditioning_cache": cache}), wd)
     assert sorted(logged_losses(wd)) == [1, 2]
     # The prompt table is cached with the encoder identities: a second build reads it without the encoders.
@@ -32,7 +32,7 @@ def test_runlocal_trains_resumes_previews_and_exports(tmp_path):
 
     txt, y = task.prompt_table(_config(**{"input.conditioning_cache": cache}), encoders=None)
     assert txt.shape == (6, 16, 32) and y.shape == (6, 32)
-    train_cli.train(_config(total_steps=4, ckpt_steps=2, **{"evals.preview_steps": 4,
+    train(_config(total_steps=4, ckpt_steps=2, **{"evals.preview_steps": 4,
                                                             "input.conditioning_cache": cache}), wd)
     losses = logged_losses(wd)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))

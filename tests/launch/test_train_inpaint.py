@@ -9,8 +9,8 @@ from flax import nnx
 
 from configs import inpaint_base
 from converters import registry
-from launch import train as train_cli
 from omnijax.models.wan.variants import variant
+from tasks.trainer import train
 from tests.launch.runlocal import logged_losses, runlocal_config
 
 
@@ -23,7 +23,7 @@ def _flat(state):
 def test_inpaint_base_trains_every_weight_and_exports_a_loadable_base(tmp_path):
     config = runlocal_config(inpaint_base, total_steps=2, ckpt_steps=2, **{"evals.preview_steps": 2})
     workdir = str(tmp_path / "base")
-    state = train_cli.train(config, workdir)
+    state = train(config, workdir)
     assert sorted(logged_losses(workdir)) == [1, 2]
     assert os.path.getsize(os.path.join(workdir, "previews", "step_0000002.png")) > 0
 
