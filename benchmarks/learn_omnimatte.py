@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -202,8 +203,7 @@ def stage_base(s, wd, log) -> dict:
 
 
 def stage_analysis(s, wd, log) -> dict:
-    from launch import analyze_blocks
-
+    """launch/analyze_blocks.py run as a user runs it (its own process), on the trained base; reads its report."""
     out = os.path.join(wd, "analysis")
     m = _models(wd)
     argv = ["--dit", os.path.join(wd, "base", "base"), "--vae", m["vae"], "--umt5", m["umt5"], "--clip", m["clip"],
@@ -211,7 +211,9 @@ def stage_analysis(s, wd, log) -> dict:
             "--size", f"{s['height']}x{s['width']}", "--out", out]
     if s["tiny"]:
         argv += ["--backend", "xla"]
-    if analyze_blocks.main(argv) != 0:
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep packages installed beside us
+    if subprocess.run([sys.executable, os.path.join(ROOT, "launch", "analyze_blocks.py"), *argv],
+                      env={**os.environ, "PYTHONPATH": path}).returncode != 0:
         raise RuntimeError("the block analysis failed (see above)")
     with open(os.path.join(out, "block_analysis.json")) as f:
         res = json.load(f)
