@@ -4,16 +4,17 @@
 
   python benchmarks/bench_attention.py             # GPU, about a minute
   python benchmarks/bench_attention.py --variants  # GPU: exact formulations of the 32,760-token forward, timed
+  python benchmarks/bench_attention.py --profile   # GPU: device kernels of the cuDNN call and the 'fa3' backend
 Prints one JSON object and writes it to $OUT/bench_attention.json when $OUT is set.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,6 +22,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import emit, time_jax  # noqa: E402
+from omnijax.layers.attention import attention  # noqa: E402
+from omnijax.layers.tile_attention import fa3_kernel, tile_padded_attention  # noqa: E402
 
 HEADS, DIM = 12, 128  # Wan 1.3B
 
@@ -115,19 +118,12 @@ def split_key_attention(q, k, v, *, aligned: Callable, block: int, scale: float 
     return merge_partials(out_a, lse_a, out_b, lse_b).astype(q.dtype)
 
 
-def mgpu_partial(q, k, v, scale: float, *, block_q: int = 64, block_kv: int = 128, steps: int = 2):
-    """(out, lse) of JAX's Pallas Mosaic-GPU FlashAttention-3 kernel (Hopper GPUs). The kernel takes float16
-    only in this JAX, no scale and whole tiles of queries: q is scaled in f32 and cast, the queries are padded
-    to its 2 x block_q tile (the extra rows are dropped; keys untouched), and its base-2 log-sum-exp is
-    converted to natural log. Key count: a multiple of block_kv."""
-    from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
-
-    lq = q.shape[1]
-    pad = -lq % (2 * block_q)
-    q16 = jnp.pad((q.astype(jnp.float32) * scale).astype(jnp.float16), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    config = fa3.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=steps)
-    out, (lse2,) = fa3.attention(q16, k.astype(jnp.float16), v.astype(jnp.float16), config, save_residuals=True)
-    return out[:, :lq], jnp.swapaxes(lse2[:, :, :lq], 1, 2) * math.log(2.0)
+def mgpu_partial(q, k, v, scale: float, *, block_kv: int = 128):
+    """(out, lse) of JAX's Pallas Mosaic-GPU FlashAttention-3 kernel (Hopper GPUs) through
+    omnijax.layers.tile_attention.fa3_kernel: q scaled in f32, all cast to float16. Key count: a multiple of
+    block_kv."""
+    f16 = jnp.float16
+    return fa3_kernel((q.astype(jnp.float32) * scale).astype(f16), k.astype(f16), v.astype(f16), block_kv=block_kv)
 
 
 def mgpu_attention(q, k, v, *, scale: float | None = None, block_kv: int = 128):
@@ -138,6 +134,23 @@ def mgpu_attention(q, k, v, *, scale: float | None = None, block_kv: int = 128):
 
 def _mgpu(q, k, v, block_kv=128):
     return mgpu_attention(q, k, v, block_kv=block_kv)
+
+
+def _fa3_kernel_only(q, k, v, up):
+    """Diagnostic: the FA3 kernel's own time on the keys padded (unmasked, so inexact) with the casts hoisted."""
+    cast = lambda a: jnp.pad(a.astype(jnp.float16), ((0, 0), (0, up - a.shape[1]), (0, 0), (0, 0)))
+    q16, k16, v16 = jax.block_until_ready((cast(q), cast(k), cast(v)))
+    return lambda *_: fa3_kernel(q16, k16, v16)[0][:, :q.shape[1]]
+
+
+def fa3_gradient_check(n=32760):
+    """The 'fa3' backend's gradient is cuDNN's: jax.grad through both backends, max |difference|."""
+    q, k, v = _qkv(n, n)
+    w = jax.random.normal(jax.random.key(3), q.shape, jnp.bfloat16)
+    grads = {b: jax.jit(jax.grad(lambda q, k, v, b=b: jnp.sum(attention(q, k, v, backend=b) * w).astype(jnp.float32),
+                                 argnums=(0, 1, 2)))(q, k, v) for b in ("cudnn", "fa3")}
+    return {"max_abs_grad_diff_fa3_vs_cudnn": max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                                                  for a, b in zip(grads["cudnn"], grads["fa3"]))}
 
 
 def forward_variants(n=32760, up=32768):
@@ -159,12 +172,22 @@ def forward_variants(n=32760, up=32768):
         "pad_all_masked": lambda q, k, v: _attn(padq(q, up), padq(k, up), padq(v, up), n, n)[:, :n],
         "mgpu_split_keys (FA3 fp16 on 128-multiple keys + dense remainder, merged by lse)": _mgpu,
         "mgpu_split_keys block_kv 64": lambda q, k, v: _mgpu(q, k, v, 64),
+        "fa3_tile_padded (the 'fa3' backend: keys padded with copies of one key, lse-corrected)":
+            lambda q, k, v: tile_padded_attention(q, k, v),
+        "fa3_tile_padded steps 3": lambda q, k, v: tile_padded_attention(q, k, v, kernel=partial(fa3_kernel, steps=3)),
+        "fa3_tile_padded steps 4": lambda q, k, v: tile_padded_attention(q, k, v, kernel=partial(fa3_kernel, steps=4)),
+        "fa3_tile_padded block_kv 64": lambda q, k, v: tile_padded_attention(
+            q, k, v, kernel=partial(fa3_kernel, block_kv=64), block_kv=64),
+        "diag_fa3_kernel_only (float16 inputs ready, keys already whole tiles; inexact)":
+            lambda q, k, v: _fa3_kernel_only(q, k, v, up),
         "diag_pad_keys_unmasked(inexact)": lambda q, k, v: _attn(q, padq(k, up), padq(v, up)),
         "diag_pad_all_unmasked(inexact)": lambda q, k, v: _attn(padq(q, up), padq(k, up), padq(v, up))[:, :n],
     }
     ref = jax.jit(variants["plain"])(q, k, v).astype(jnp.float32)
     out = {"tokens": n, "padded_to": up}
     for name, fn in variants.items():
+        if name.startswith("diag_fa3_kernel_only"):
+            fn = fn(q, k, v)
         f = jax.jit(fn)
         try:
             diff = float(jnp.max(jnp.abs(f(q, k, v).astype(jnp.float32) - ref)))
@@ -174,10 +197,43 @@ def forward_variants(n=32760, up=32768):
     return out
 
 
+def profile(n=32760):
+    """Device kernels, by name, of the Wan 1.3B attention calls at 81x480x832: self-attention through cuDNN and
+    the 'fa3' backend, text cross-attention (512 keys) and image cross-attention (257 CLIP keys) padded and
+    masked as the gradient path needs, or plain."""
+    import tempfile
+
+    from benchmarks.common import profile_kernels
+    from omnijax.layers.attention import padded_attention
+
+    calls = {
+        "self_cudnn": ((n, n), lambda q, k, v: _attn(q, k, v)),
+        "self_fa3_tile_padded": ((n, n), lambda q, k, v: tile_padded_attention(q, k, v)),
+        "text_cross_cudnn_512": ((n, 512), lambda q, k, v: _attn(q, k, v)),
+        "image_cross_cudnn_257_padded_masked": ((n, 257), lambda q, k, v: padded_attention(q, k, v)),
+        "image_cross_cudnn_257_plain": ((n, 257), lambda q, k, v: _attn(q, k, v)),
+    }
+    out = {}
+    for name, ((lq, lk), fn) in calls.items():
+        q, k, v = _qkv(lq, lk)
+        f = jax.jit(fn)
+        try:
+            out[name] = profile_kernels(lambda f=f, q=q, k=k, v=v: f(q, k, v), 5,
+                                        tempfile.mkdtemp(prefix=f"att-{name}-"), top=12)
+        except Exception as e:  # a kernel that rejects the shape
+            out[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def main():
+    if "--profile" in sys.argv:
+        emit("bench_attention_profile", {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                         "profile": profile()})
+        return
     if "--variants" in sys.argv:
         emit("bench_attention_variants", {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                          "variants": [forward_variants(32760), forward_variants(14040, 14080)]})
+                                          "variants": [forward_variants(32760), forward_variants(14040, 14080)],
+                                          "gradient": fa3_gradient_check()})
         return
     from jax._src.cudnn import fused_attention_stablehlo as fa
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,

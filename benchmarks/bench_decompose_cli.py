@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--objects", type=int, choices=[1, 2], default=2, help="objects per clip (masks given)")
     p.add_argument("--runs", default="first_run,second_run,batch", help="which runs, in order (comma list)")
+    p.add_argument("--attention", default="auto", help="the CLI's --attention (auto: fa3 on Hopper GPUs)")
     p.add_argument("--workdir", default=None, help="where checkpoints and clips go (default: a temporary folder)")
     a = p.parse_args(argv)
     from data.example_clip import write_example
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     seed_text_cache(cache, flags, text_dim, dtype)
     path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep packages installed beside us
     env = {**os.environ, "XDG_CACHE_HOME": os.path.join(work, "xdg"), "PYTHONPATH": path}
-    common = ["--model", "wan", "--steps", str(a.steps), "--cache", cache, "--dtype", dtype,
+    common = ["--model", "wan", "--steps", str(a.steps), "--cache", cache, "--dtype", dtype, "--attention", a.attention,
               *[x for k, v in flags.items() for x in (f"--{k}", v)]] + (["--height", str(h)] if a.tiny else [])
 
     def clip_args(i, out):
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
         masks = [os.path.join(c, f"mask_{k:02d}.mp4") for k in range(a.objects)]
         return ["--video", os.path.join(c, "input_video.mp4"), "--masks", *masks, "--out", out]
 
-    result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "steps": a.steps,
+    result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "steps": a.steps, "attention": a.attention,
               "clip": f"{frames}x{h}x{w}, {a.objects} object(s)", "checkpoints_written_s": round(checkpoints_s, 1)}
     batch = [x for i in range(n_clips) for x in clip_args(i, os.path.join(work, f"out_batch{i}"))]
     runs = (("first_run", common + clip_args(0, os.path.join(work, "out_first_run"))),

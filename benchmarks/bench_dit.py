@@ -27,8 +27,8 @@ from omnijax.omnimatte.decompose import jit_module_fn  # noqa: E402
 from tests.torch_refs import diffusers_wan  # noqa: E402
 
 
-def jitted_forward(model):
-    return jit_module_fn(model, lambda m, *a: m(*a))
+def jitted_forward(model, backend: str = "auto"):
+    return jit_module_fn(model, lambda m, *a: m(*a, attention_backend=backend))
 
 
 def inputs(t, h, w, text_dim, image_dim, seed=0):
@@ -62,6 +62,10 @@ def main():
     ap.add_argument("--part", choices=["parity", "speed"], required=True,
                     help="run parity and speed in separate processes: JAX's peak-memory counter cannot be reset")
     ap.add_argument("--variant", default="", help="tag for an experiment variant (recorded in the JSON)")
+    ap.add_argument("--profile", action="store_true", help="speed: also sum each backend's device kernels by kind")
+    ap.add_argument("--backends", default="auto",
+                    help="speed: attention backends to time in this process, comma list (e.g. cudnn,fa3); the "
+                         "outputs of the later ones are compared with the first's")
     args = ap.parse_args()
     dev = "cpu" if args.small else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -89,7 +93,8 @@ def main():
     if args.part == "parity":
         parity(res, ref, sd, cfg, dims, dev, parity_grid)
     else:
-        speed(res, ref, sd, cfg, dims, dev, speed_grid, args.small)
+        speed(res, ref, sd, cfg, dims, dev, speed_grid, args.small, args.backends.split(","),
+              args.profile)
     emit(f"bench_dit_{args.part}{'_' + args.variant if args.variant else ''}", res)
 
 
@@ -130,13 +135,22 @@ def apply_variant(name):
             split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
             return split(self.q(x)), split(self.k(x)), split(self.v(x))
         dit.SelfAttention.qkv = qkv
+    elif name == "cross_plain_inference":  # experiment: the 257-key CLIP cross-attention unpadded, unmasked
+        import omnijax.layers.attention as att
+        orig_padded = att.padded_attention
+
+        def padded(q, k, v, *, scale=None, implementation="cudnn", multiple=8):
+            if implementation == "cudnn":
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            return orig_padded(q, k, v, scale=scale, implementation=implementation, multiple=multiple)
+        att.padded_attention = padded
     elif name == "diag_no_attention":  # diagnostic only: everything but the self-attention kernel
         import omnijax.layers.attention as att
         orig = att.attention
         dit.attention = lambda q, k, v, **kw: orig(q, k, v, **kw) if k.shape[1] < 2048 else q
 
 
-def speed(res, ref, sd, cfg, dims, dev, speed_grid, small):
+def speed(res, ref, sd, cfg, dims, dev, speed_grid, small, backends, profile=False):
     ref = ref.to(torch.bfloat16)
     _, m16 = load_wan_dit(sd, cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     del sd
@@ -152,14 +166,29 @@ def speed(res, ref, sd, cfg, dims, dev, speed_grid, small):
     gc.collect()
     if not small:
         torch.cuda.empty_cache()
-    fwd = jitted_forward(m16)
-    t_jax = time_jax(fwd, *[jnp.asarray(a, jnp.bfloat16 if a.ndim > 1 else jnp.float32) for a in sa])
-    res.update(
-        diffusers_ms=round(t_torch * 1e3, 1), diffusers_mfu=round(flops / t_torch / H100_BF16_PEAK, 3),
-        diffusers_peak_gb=None if torch_peak is None else round(torch_peak, 2),
-        jax_ms=round(t_jax * 1e3, 1), jax_tflops=round(flops / t_jax / 1e12, 1),
-        jax_mfu=round(flops / t_jax / H100_BF16_PEAK, 3), jax_peak_gb=jax_peak_gb(),
-        jax_over_diffusers=round(t_jax / t_torch, 3))
+    res.update(diffusers_ms=round(t_torch * 1e3, 1), diffusers_mfu=round(flops / t_torch / H100_BF16_PEAK, 3),
+               diffusers_peak_gb=None if torch_peak is None else round(torch_peak, 2))
+    args = [jnp.asarray(a, jnp.bfloat16 if a.ndim > 1 else jnp.float32) for a in sa]
+    first = None
+    for backend in backends:
+        fwd = jitted_forward(m16, backend)
+        t_jax = time_jax(fwd, *args)
+        out = np.asarray(fwd(*args), np.float32)
+        row = dict(jax_ms=round(t_jax * 1e3, 1), jax_tflops=round(flops / t_jax / 1e12, 1),
+                   jax_mfu=round(flops / t_jax / H100_BF16_PEAK, 3), jax_peak_gb=jax_peak_gb(),
+                   jax_over_diffusers=round(t_jax / t_torch, 3))
+        if first is None:
+            first = out
+        else:
+            row[f"vs_{backends[0]}"] = stats(out, first)
+        if profile:
+            import tempfile
+
+            from benchmarks.common import profile_kernels
+            row["profile"] = profile_kernels(lambda fwd=fwd: fwd(*args), 2, tempfile.mkdtemp(prefix="dit-"), top=25)
+        res[f"backend_{backend}"] = row
+        print(f"{backend}: { {k: v for k, v in row.items() if k != 'profile'} }", file=sys.stderr, flush=True)
+    res.update(res[f"backend_{backends[0]}"])
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def plot_curves(path: str, panels: list) -> None:
     plt.close(fig)
 
 
-KERNEL_KINDS = (("attention", ("fmha", "flash", "cudnn", "attention")),
+KERNEL_KINDS = (("attention", ("fmha", "flash", "cudnn", "attention", "mosaic")),
                 ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
                 ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "dynamic_update_slice", "concatenate")))
 

@@ -99,8 +99,8 @@ def check_settings(args) -> None:
         raise InputError(f"--height {args.height}: must lie in [16, 2048]")
     if args.max_frames is not None and args.max_frames < 1:
         raise InputError(f"--max-frames {args.max_frames}: need at least 1")
-    if args.attention not in ("auto", "cudnn", "xla"):
-        raise InputError(f"--attention {args.attention}: choose auto, cudnn or xla")
+    if args.attention not in ("auto", "cudnn", "fa3", "xla"):
+        raise InputError(f"--attention {args.attention}: choose auto, cudnn, fa3 or xla")
 
 
 def _readable(path: str) -> bool:
@@ -558,7 +558,8 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=None, help=f"processing height (480; {TINY_HEIGHT} for tiny)")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
-    p.add_argument("--attention", default="auto", help="attention backend: auto | cudnn | xla")
+    p.add_argument("--attention", default="auto",
+                   help="attention backend: auto | cudnn | fa3 | xla (auto: fa3 on Hopper GPUs)")
     args = p.parse_args(argv)
     try:
         clips = clips_from_args(args, p)

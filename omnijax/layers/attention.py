@@ -8,17 +8,28 @@ Backends:
            XLA's plain attention materialises L×S scores (see shared/gpu/NOTES.md). Its gradient path rejects
            odd sequence lengths (Wan's 257 CLIP tokens; measured in benchmarks/bench_attention.py), so odd
            lengths are padded to a multiple of 8 and the padding masked through the kernel's sequence lengths.
+  "fa3":   Hopper GPUs: JAX's FlashAttention-3 kernel with the keys padded exactly to its tile
+           (omnijax/layers/tile_attention.py), faster than cuDNN at Wan's 32,760 tokens. Gradients are cuDNN's
+           (a custom VJP), so only un-differentiated calls run the FA3 kernel. Head dims other than 64 and
+           128 (the VAEs' 384/512, CLIP's 80) go to cuDNN (the kernel's shared-memory tiles do not fit them),
+           and so do key sets under FA3_MIN_KEYS (cross-attention), where the FA3 call measured slower.
   "xla":   jax.nn.dot_product_attention's XLA path (any device, any dtype); f32 softmax.
   "splash": seam for the TPU splash kernel (built with the branch masks).
-  "auto":  cudnn on GPU for half-precision inputs, xla otherwise.
+  "auto":  fa3 on a Hopper GPU and cudnn on other GPUs for half-precision inputs, xla otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "cudnn", "xla", "splash")
+from omnijax.layers.tile_attention import fa3_supported, tile_padded_attention, with_reference_gradient
+
+BACKENDS = ("auto", "cudnn", "fa3", "xla", "splash")
+FA3_HEAD_DIMS = (64, 128)
+FA3_MIN_KEYS = 2048  # shorter key sets (cross-attention: 512 text, 257 CLIP tokens) are faster through cuDNN
 
 
 class AttentionBackendError(RuntimeError):
@@ -32,12 +43,18 @@ def resolve_backend(backend: str, dtype) -> str:
     platform = jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend == "auto":
-        return "cudnn" if platform == "gpu" and half else "xla"
-    if backend == "cudnn":
+        if platform != "gpu" or not half:
+            return "xla"
+        return "fa3" if fa3_supported() else "cudnn"
+    if backend in ("cudnn", "fa3"):
         if platform != "gpu":
-            raise AttentionBackendError(f"attention backend 'cudnn' needs a GPU; the default device is {platform!r}")
+            raise AttentionBackendError(
+                f"attention backend {backend!r} needs a GPU; the default device is {platform!r}")
         if not half:
-            raise AttentionBackendError(f"attention backend 'cudnn' needs bf16/fp16 inputs, got {jnp.dtype(dtype)}")
+            raise AttentionBackendError(f"attention backend {backend!r} needs bf16/fp16 inputs, got {jnp.dtype(dtype)}")
+    if backend == "fa3" and not fa3_supported():
+        raise AttentionBackendError("attention backend 'fa3' needs a Hopper GPU (compute capability 9.x) and "
+                                    "jax.experimental.pallas.ops.gpu.attention_mgpu")
     if backend == "splash" and platform != "tpu":
         raise AttentionBackendError(
             f"attention backend 'splash' is the TPU kernel; the default device is {platform!r}")
@@ -58,9 +75,18 @@ def attention(q, k, v, *, backend: str = "auto", scale: float | None = None):
     if impl == "splash":
         raise AttentionBackendError(
             "the splash backend is reached through the branch-mask attention of omnijax.omnimatte")
-    if impl == "cudnn":
-        return padded_attention(q, k, v, scale=scale, implementation=impl)
+    if impl == "fa3" and q.shape[-1] in FA3_HEAD_DIMS and k.shape[1] >= FA3_MIN_KEYS:
+        return kernel_with_cudnn_gradient(q, k, v, scale=scale, kernel_attention=tile_padded_attention)
+    if impl in ("cudnn", "fa3"):
+        return padded_attention(q, k, v, scale=scale, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+
+
+def kernel_with_cudnn_gradient(q, k, v, *, scale, kernel_attention, reference_implementation: str = "cudnn"):
+    """`kernel_attention(q, k, v, scale=)` for the value, `padded_attention`'s gradient (cuDNN's) for training.
+    `reference_implementation` exists for the CPU tests ("xla")."""
+    reference = functools.partial(padded_attention, scale=scale, implementation=reference_implementation)
+    return with_reference_gradient(functools.partial(kernel_attention, scale=scale), reference)(q, k, v)
 
 
 def padded_attention(q, k, v, *, scale: float | None = None, implementation: str = "cudnn", multiple: int = 8):

@@ -65,7 +65,7 @@ def branch_attention(q_b, k_b, v_b, q_a, k_a, v_a, *, mask: str, backend: str = 
         output is needed (a Quality Expert training step runs X_A alone).
       q_a, k_a, v_a: alpha set, each [B, L, N, K].
       mask: "A", "B" or "C".
-      backend: "auto" | "cudnn" | "xla" | "splash" (see omnijax.layers.attention).
+      backend: "auto" | "cudnn" | "fa3" | "xla" | "splash" (see omnijax.layers.attention).
       freeze_background: put the background keys/values seen by alpha queries under stop_gradient (training:
         X_B depends on nothing trainable, so no backward work flows into it).
       splash_interpret: run the splash kernel in Pallas interpret mode (CPU tests of the TPU path).

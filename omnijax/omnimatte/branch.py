@@ -128,7 +128,7 @@ class EasyOmnimatte(nnx.Module):
           train: training forward: only the alpha velocity is returned; the background stream and everything
             before the first adapted block run under stop_gradient; under mask "C" the background set is
             skipped entirely (N tokens instead of 2N).
-          attention_backend: "auto" | "cudnn" | "xla" | "splash" for the branch self-attention.
+          attention_backend: "auto" | "cudnn" | "fa3" | "xla" | "splash" for the branch self-attention.
           remat: which trainable blocks recompute their forward in the backward pass: True (or -1) all of them,
             False (or 0) none, an int n the first n from the first adapted block on (blocks before it have no
             backward pass). A partial count trades memory for speed: each recomputed block costs one more forward.
