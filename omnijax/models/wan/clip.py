@@ -153,7 +153,8 @@ class CLIPVisionTower(nnx.Module):
       config: CLIPVisionConfig.
       dtype, param_dtype: compute and storage types (LayerNorm statistics and softmax stay f32).
       rngs: parameter initialisation.
-      attn_backend: omnijax.layers.attention backend ("auto": cuDNN on GPU for bf16, XLA otherwise).
+      attn_backend: omnijax.layers.attention backend ("auto": cuDNN on GPU for bf16, its 80-wide heads being
+        outside fa3's; XLA otherwise).
     """
 
     def __init__(self, config: CLIPVisionConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs: nnx.Rngs,
