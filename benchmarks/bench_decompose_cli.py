@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--objects", type=int, choices=[1, 2], default=2, help="objects per clip (masks given)")
     p.add_argument("--runs", default="first_run,second_run,batch", help="which runs, in order (comma list)")
-    p.add_argument("--attention", default="auto", help="the CLI's --attention (auto: fa3 on Hopper GPUs)")
+    p.add_argument("--attention", default="auto", help="the CLI's --attention (auto: fa3 on a single Hopper GPU)")
     p.add_argument("--workdir", default=None, help="where checkpoints and clips go (default: a temporary folder)")
     a = p.parse_args(argv)
     from data.example_clip import write_example

@@ -559,7 +559,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     p.add_argument("--attention", default="auto",
-                   help="attention backend: auto | cudnn | fa3 | xla (auto: fa3 on Hopper GPUs)")
+                   help="attention backend: auto | cudnn | fa3 | xla (auto: fa3 on a single Hopper GPU)")
     args = p.parse_args(argv)
     try:
         clips = clips_from_args(args, p)

@@ -15,7 +15,7 @@ Backends:
            and so do key sets under FA3_MIN_KEYS (cross-attention), where the FA3 call measured slower.
   "xla":   jax.nn.dot_product_attention's XLA path (any device, any dtype); f32 softmax.
   "splash": seam for the TPU splash kernel (built with the branch masks).
-  "auto":  fa3 on a Hopper GPU and cudnn on other GPUs for half-precision inputs, xla otherwise.
+  "auto":  for half-precision inputs on a GPU, fa3 when the process has one Hopper GPU, else cudnn; xla otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def resolve_backend(backend: str, dtype) -> str:
     if backend == "auto":
         if platform != "gpu" or not half:
             return "xla"
-        return "fa3" if fa3_supported() else "cudnn"
+        # The Pallas kernel has no SPMD partitioning rule (sharded inputs would be gathered whole onto every
+        # device), so with several devices "auto" keeps cuDNN; ask for "fa3" where the inputs are unsharded.
+        return "fa3" if fa3_supported() and jax.device_count() == 1 else "cudnn"
     if backend in ("cudnn", "fa3"):
         if platform != "gpu":
             raise AttentionBackendError(

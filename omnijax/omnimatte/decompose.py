@@ -124,7 +124,7 @@ class Decomposer:
     Args:
       effect, quality: EasyOmnimatte experts (omnijax.omnimatte.branch) over the same base WanDiT.
       vae: WanVAE. conditioner: omnijax.conditioning.Conditioner (umT5 + CLIP through the embedding cache).
-      attention_backend: for the DiT (omnijax.layers.attention; "auto": fa3 on Hopper GPUs, cuDNN on others).
+      attention_backend: for the DiT (omnijax.layers.attention; "auto": fa3 on a single Hopper GPU, else cuDNN).
       encode_frames_per_step, decode_frames_per_step: latent frames per step of the streamed VAE (more is faster
         and holds more memory; at 81x480x832 on an H100 decode takes 0.99 / 0.94 / 0.91 s at 1 / 2 / 4 frames per
         step with peaks 4.8 / 7.3 / 11.0 GB, docs/benchmarks.md).
