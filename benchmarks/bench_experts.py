@@ -45,6 +45,7 @@ def _args():
     p.add_argument("--size", default="480x832")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", default="effect,quality,attention")
+    p.add_argument("--backend", default="cudnn", help="GPU attention backend of the experts (cudnn, fa3, auto)")
     p.add_argument("--remat", default="effect=0,quality=-1",
                    help="blocks each expert's training step recomputes: name=n, -1 all, 0 none (comma list)")
     return p.parse_args()
@@ -237,7 +238,7 @@ def main():
     else:
         cfg = variant("1.3b-inp", **({} if a.layers is None else {"num_layers": a.layers}))
         hh, ww = (int(v) for v in a.size.split("x"))
-        frames, backend, att_sizes = a.frames, "cudnn", [32760, 16380, 8190]
+        frames, backend, att_sizes = a.frames, a.backend, [32760, 16380, 8190]
     only = set(a.only.split(","))
     remat_for = {k: int(v) for k, v in (item.split("=") for item in a.remat.split(",") if item)}
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "config": cfg.to_dict(),
@@ -259,7 +260,7 @@ def main():
             del model, base
     if "attention" in only:
         res["attention_type_b"] = bench_attention(att_sizes, cfg.num_heads, cfg.head_dim, backend, a.repeats,
-                                                  jnp.bfloat16 if backend == "cudnn" else jnp.float32)
+                                                  jnp.bfloat16 if backend != "xla" else jnp.float32)
     res["total_s"] = time.perf_counter() - t0
     emit("bench_experts", res)
 

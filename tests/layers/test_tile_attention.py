@@ -80,6 +80,14 @@ def test_with_reference_gradient_takes_value_and_gradient_from_different_functio
     np.testing.assert_allclose(np.asarray(jax.grad(lambda a: jnp.sum(f(a, x, x)))(x)), np.asarray(x * x))
 
 
+def test_inputs_not_differentiated_take_the_fast_value_inside_grad():
+    # A frozen stream inside a training step (the background set under stop_gradient) runs the fast kernel.
+    f = with_reference_gradient(lambda q, k, v: q * k * v + 1.0, lambda q, k, v: q * k * v)
+    x = jnp.arange(1.0, 4.0)
+    g = jax.grad(lambda a: jnp.sum(a * f(jax.lax.stop_gradient(x), x, x)))(jnp.ones(3))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x ** 3 + 1.0))
+
+
 def test_kernel_attention_gradients_are_the_references():
     q, k, v = _qkv(9, 13, seed=7)
     kernel = lambda q, k, v, scale: tile_padded_attention(q, k, v, kernel=tile_kernel, block_kv=BLOCK, scale=scale)
