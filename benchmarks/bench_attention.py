@@ -5,6 +5,7 @@
   python benchmarks/bench_attention.py             # GPU, about a minute
   python benchmarks/bench_attention.py --variants  # GPU: exact formulations of the 32,760-token forward, timed
   python benchmarks/bench_attention.py --profile   # GPU: device kernels of the cuDNN call and the 'fa3' backend
+  python benchmarks/bench_attention.py --check     # GPU: the 'fa3' correction where it is large, vs f32
 Prints one JSON object and writes it to $OUT/bench_attention.json when $OUT is set.
 """
 
@@ -225,7 +226,35 @@ def profile(n=32760):
     return out
 
 
+def padding_check(lq=2048, heads=4):
+    """The `fa3` correction on the real kernel where it matters: P = 127 padded keys (S = 2,049) or 8 (32,760),
+    the copied (last) key every query's best match. Errors relative to an f32 dense reference; "uncorrected" is
+    what the padded keys alone would do to the result (dense, f32), i.e. what the correction has to remove."""
+    out = {}
+    for lk in (2049, 32760):
+        ks = jax.random.split(jax.random.key(lk), 3)
+        q = jax.random.normal(ks[0], (1, lq, heads, DIM), jnp.float32)
+        k = jax.random.normal(ks[1], (1, lk, heads, DIM), jnp.float32)
+        v = jax.random.normal(ks[2], (1, lk, heads, DIM), jnp.float32)
+        k = k.at[:, -1].set(0.3 * q.mean(axis=1))
+        q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+        scale = DIM ** -0.5
+        ref = dense_partial(q, k, v, scale)[0]
+        pad = -lk % 128
+        k_pad = jnp.concatenate([k, jnp.broadcast_to(k[:, -1:], (1, pad, heads, DIM))], axis=1)
+        v_pad = jnp.concatenate([v, jnp.zeros((1, pad, heads, DIM), v.dtype)], axis=1)
+        uncorrected = dense_partial(q, k_pad, v_pad, scale)[0]
+        got = jax.jit(tile_padded_attention)(q, k, v).astype(jnp.float32)
+        rel = lambda a, ref=ref: float(jnp.max(jnp.abs(a - ref)) / jnp.max(jnp.abs(ref)))
+        out[f"keys_{lk}"] = {"padded_keys": pad, "fa3_rel_err": rel(got), "uncorrected_rel_err": rel(uncorrected)}
+    return out
+
+
 def main():
+    if "--check" in sys.argv:
+        emit("bench_attention_check", {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                       "padding_check": padding_check()})
+        return
     if "--profile" in sys.argv:
         emit("bench_attention_profile", {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                                          "profile": profile()})

@@ -12,7 +12,8 @@ Backends:
            (omnijax/layers/tile_attention.py), faster than cuDNN at Wan's 32,760 tokens. Gradients are cuDNN's
            (a custom VJP), so only un-differentiated calls run the FA3 kernel. Head dims other than 64 and
            128 (the VAEs' 384/512, CLIP's 80) go to cuDNN (the kernel's shared-memory tiles do not fit them),
-           and so do key sets under FA3_MIN_KEYS (cross-attention), where the FA3 call measured slower.
+           and so do key sets under FA3_MIN_KEYS (cross-attention, 33-frame clips), where FA3 measured slower,
+           and grouped heads.
   "xla":   jax.nn.dot_product_attention's XLA path (any device, any dtype); f32 softmax.
   "splash": seam for the TPU splash kernel (built with the branch masks).
   "auto":  for half-precision inputs on a GPU, fa3 when the process has one Hopper GPU, else cudnn; xla otherwise.
@@ -29,7 +30,9 @@ from omnijax.layers.tile_attention import fa3_supported, tile_padded_attention, 
 
 BACKENDS = ("auto", "cudnn", "fa3", "xla", "splash")
 FA3_HEAD_DIMS = (64, 128)
-FA3_MIN_KEYS = 2048  # shorter key sets (cross-attention: 512 text, 257 CLIP tokens) are faster through cuDNN
+# Measured (docs/benchmarks.md): FA3 faster at 32,760 keys, slower at 14,040 (2.33 vs 2.24 ms) and on the
+# cross-attention's 512 / 257; the crossover in between is not measured.
+FA3_MIN_KEYS = 16384
 
 
 class AttentionBackendError(RuntimeError):
@@ -77,7 +80,7 @@ def attention(q, k, v, *, backend: str = "auto", scale: float | None = None):
     if impl == "splash":
         raise AttentionBackendError(
             "the splash backend is reached through the branch-mask attention of omnijax.omnimatte")
-    if impl == "fa3" and q.shape[-1] in FA3_HEAD_DIMS and k.shape[1] >= FA3_MIN_KEYS:
+    if impl == "fa3" and q.shape[-1] in FA3_HEAD_DIMS and k.shape[1] >= FA3_MIN_KEYS and k.shape[2] == q.shape[2]:
         return kernel_with_cudnn_gradient(q, k, v, scale=scale, kernel_attention=tile_padded_attention)
     if impl in ("cudnn", "fa3"):
         return padded_attention(q, k, v, scale=scale, implementation="cudnn")

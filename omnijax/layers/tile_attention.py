@@ -15,9 +15,10 @@ aligned call, but it takes float16 only, no logit scale, whole query tiles (2 x 
   Key r is itself real, so P exp(s_r - lse_padded) <= P / (P + 1): the correction divides by at least
   1 / (P + 1), never by a difference of nearly equal numbers.
 
-Padded query rows (zeros) are dropped. q is scaled in f32 before the cast; v is multiplied by the power of two
-that puts its largest magnitude in [2^13, 2^14) (exact) and the output divided back, so float16 neither
-overflows nor loses precision to subnormals on any value range of v. q * scale and k must lie within float16's
+Padded query rows (zeros) are dropped. q is scaled in f32 before the cast; each head's v is multiplied by the
+power of two that puts its largest magnitude in [2^13, 2^14) (exact) and its output divided back, so float16
+neither overflows nor goes subnormal on a head's largest values whatever their range (entries more than 2^27
+below their head's largest still do). q * scale and k must lie within float16's
 range (|x| < 65504); the Wan and Flux DiTs RMS-normalise both. The result then equals plain attention up to
 float16/bf16 rounding (max |diff| 2.4e-4 in bf16 at 32,760 tokens, benchmarks/bench_attention.py --variants).
 
@@ -74,6 +75,7 @@ def tile_padded_attention(q, k, v, *, kernel: Callable = fa3_kernel, block_kv: i
 
     Args:
       kernel: (q16 scaled, k16, v16) -> (out16 [B, L, N, K], lse [B, L, N] natural log); takes S % block_kv == 0.
+        k and v have q's B and N (no grouped heads).
       scale: logit scale, default 1/sqrt(K).
     Returns:
       [B, L, N, K] in q's dtype.
@@ -83,7 +85,7 @@ def tile_padded_attention(q, k, v, *, kernel: Callable = fa3_kernel, block_kv: i
     scale = d ** -0.5 if scale is None else scale
     q16 = (q.astype(F32) * scale).astype(F16)
     k16 = k.astype(F16)
-    _, top = jnp.frexp(jnp.max(jnp.abs(v)).astype(F32))  # max |v| < 2^top
+    _, top = jnp.frexp(jnp.max(jnp.abs(v), axis=(1, 3), keepdims=True).astype(F32))  # per (B, N): max |v| < 2^top
     shift = jnp.clip(14 - top, -126, 126)
     v16 = (v.astype(F32) * _power_of_two(shift)).astype(F16)
     pad = -lk % block_kv
@@ -99,15 +101,15 @@ def tile_padded_attention(q, k, v, *, kernel: Callable = fa3_kernel, block_kv: i
 
 
 def _power_of_two(e):
-    """2.0**e as f32, exactly, for an integer scalar e in [-126, 127] (from its bits; exp2 may round)."""
+    """2.0**e as f32, exactly, for integers e in [-126, 127] (from the bits; exp2 may round)."""
     return jax.lax.bitcast_convert_type((e.astype(jnp.int32) + 127) << 23, F32)
 
 
 def with_reference_gradient(fast: Callable, reference: Callable) -> Callable:
     """f(q, k, v) whose value is `fast`'s and whose derivative is `reference`'s.
 
-    Under differentiation the forward runs `reference` too (its VJP needs its own residuals), so a training
-    step is exactly what `reference` alone would give; only un-differentiated calls (inference) take `fast`.
+    Under differentiation the forward runs `reference` too (its VJP needs its own residuals); calls none of whose
+    inputs carry a gradient (inference, or a frozen stream inside a training step) take `fast`.
     """
 
     @jax.custom_vjp

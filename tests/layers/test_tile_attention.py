@@ -64,6 +64,16 @@ def test_values_outside_float16_range(magnitude):
     assert _rel(out, dense_attention(q, k, v)) < 2e-3
 
 
+def test_heads_of_very_different_magnitude():
+    # v is rescaled per batch element and head: a head 1e9 times smaller than another keeps its precision.
+    q, k, v = _qkv(7, 10, seed=5)
+    v = v * jnp.asarray([1e4, 1e-5, 1.0])[None, None, :, None]
+    out = np.asarray(tile_padded_attention(q, k, v, kernel=tile_kernel, block_kv=BLOCK), np.float64)
+    want = dense_attention(q, k, v)
+    for head in range(3):
+        assert _rel(out[:, :, head], want[:, :, head]) < 2e-3, head
+
+
 def test_scale_argument():
     q, k, v = _qkv(4, 5, seed=6)
     out = tile_padded_attention(q, k, v, kernel=tile_kernel, block_kv=BLOCK, scale=0.5)
@@ -84,8 +94,8 @@ def test_inputs_not_differentiated_take_the_fast_value_inside_grad():
     # A frozen stream inside a training step (the background set under stop_gradient) runs the fast kernel.
     f = with_reference_gradient(lambda q, k, v: q * k * v + 1.0, lambda q, k, v: q * k * v)
     x = jnp.arange(1.0, 4.0)
-    g = jax.grad(lambda a: jnp.sum(a * f(jax.lax.stop_gradient(x), x, x)))(jnp.ones(3))
-    np.testing.assert_allclose(np.asarray(g), np.asarray(x ** 3 + 1.0))
+    g = jax.grad(lambda a: jnp.sum(a * f(jax.lax.stop_gradient(a), x, x)))(jnp.full(3, 2.0))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(2.0 * x * x + 1.0))  # reference's value: 2 x^2
 
 
 def test_kernel_attention_gradients_are_the_references():
@@ -108,3 +118,40 @@ def test_fa3_backend_refused_off_hopper():
     with pytest.raises(AttentionBackendError, match="'fa3' needs a GPU"):
         attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), backend="fa3")
     assert resolve_backend("auto", jnp.bfloat16) == "xla"
+
+
+def _fake_hopper(monkeypatch, devices=1):
+    import omnijax.layers.attention as att
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: devices)
+    monkeypatch.setattr(att, "fa3_supported", lambda: True)
+    calls = []
+    monkeypatch.setattr(att, "kernel_with_cudnn_gradient", lambda q, k, v, **kw: calls.append("fa3") or q)
+    monkeypatch.setattr(att, "padded_attention", lambda q, k, v, **kw: calls.append(kw["implementation"]) or q)
+    return calls
+
+
+@pytest.mark.parametrize("keys,heads,head_dim,want", [
+    (32760, 2, 128, "fa3"), (65520, 2, 64, "fa3"),
+    (14040, 2, 128, "cudnn"),  # measured slower there
+    (257, 2, 128, "cudnn"),  # cross-attention
+    (32760, 2, 80, "cudnn"),  # CLIP's head width: the kernel's tiles do not fit
+])
+def test_auto_on_one_hopper_gpu_routes_by_shape(monkeypatch, keys, heads, head_dim, want):
+    calls = _fake_hopper(monkeypatch)
+    q = jnp.zeros((1, 8, 2, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, keys, heads, head_dim), jnp.bfloat16)
+    jax.eval_shape(lambda k, v: attention(q, k, v), kv, kv)
+    assert calls == [want]
+
+
+def test_auto_keeps_cudnn_with_several_devices_or_grouped_heads(monkeypatch):
+    calls = _fake_hopper(monkeypatch, devices=2)
+    assert resolve_backend("auto", jnp.bfloat16) == "cudnn"
+    calls = _fake_hopper(monkeypatch, devices=1)
+    assert resolve_backend("auto", jnp.bfloat16) == "fa3"
+    q = jnp.zeros((1, 8, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 32760, 2, 128), jnp.bfloat16)
+    jax.eval_shape(lambda k, v: attention(q, k, v), kv, kv)
+    assert calls == ["cudnn"]
