@@ -10,10 +10,10 @@ Backends:
            lengths are padded to a multiple of 8 and the padding masked through the kernel's sequence lengths.
   "fa3":   Hopper GPUs: JAX's FlashAttention-3 kernel with the keys padded exactly to its tile
            (omnijax/layers/tile_attention.py), faster than cuDNN at Wan's 32,760 tokens. Gradients are cuDNN's
-           (a custom VJP), so only un-differentiated calls run the FA3 kernel. Head dims other than 64 and
-           128 (the VAEs' 384/512, CLIP's 80) go to cuDNN (the kernel's shared-memory tiles do not fit them),
-           and so do key sets under FA3_MIN_KEYS (cross-attention, 33-frame clips), where FA3 measured slower,
-           and grouped heads.
+           (a custom VJP), so only calls whose inputs carry no gradient (inference, a frozen stream) run the
+           FA3 kernel. Head dims other than 64 and 128 (the VAEs' 384/512, CLIP's 80) go to cuDNN (the kernel's
+           shared-memory tiles do not fit them), and so do key sets under FA3_MIN_KEYS (cross-attention,
+           33-frame clips), where FA3 measured slower, and grouped heads.
   "xla":   jax.nn.dot_product_attention's XLA path (any device, any dtype); f32 softmax.
   "splash": seam for the TPU splash kernel (built with the branch masks).
   "auto":  for half-precision inputs on a GPU, fa3 when the process has one Hopper GPU, else cudnn; xla otherwise.
