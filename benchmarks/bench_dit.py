@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from benchmarks.common import H100_BF16_PEAK, emit, jax_peak_gb, time_jax, time_torch, wan_forward_flops  # noqa: E402
 from converters import load_wan_dit  # noqa: E402
@@ -66,6 +67,9 @@ def main():
     ap.add_argument("--backends", default="auto",
                     help="speed: attention backends to time in this process, comma list (e.g. cudnn,fa3); the "
                          "outputs of the later ones are compared with the first's")
+    ap.add_argument("--dump-hlo", action="store_true",
+                    help="speed: write each backend's optimised HLO to $OUT/bench_dit_<backend>.hlo.txt (to name the "
+                         "profile's fusions); the profile then lists 80 kernels")
     args = ap.parse_args()
     dev = "cpu" if args.small else "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -94,7 +98,7 @@ def main():
         parity(res, ref, sd, cfg, dims, dev, parity_grid)
     else:
         speed(res, ref, sd, cfg, dims, dev, speed_grid, args.small, args.backends.split(","),
-              args.profile)
+              args.profile, args.dump_hlo)
     emit(f"bench_dit_{args.part}{'_' + args.variant if args.variant else ''}", res)
 
 
@@ -130,6 +134,14 @@ def apply_variant(name):
             return (apply_rope(split(self.norm_q(q)), cos, sin), apply_rope(split(self.norm_k(k)), cos, sin),
                     split(v))
         dit.SelfAttention.qkv = qkv
+    elif name == "rope_swap":  # experiment (session 9, not kept): x * C + swap(x) * S instead of a stack of halves
+        def swapped_rope(x, cos, sin):
+            xf = x.astype(jnp.float32)
+            swapped = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+            c = jnp.repeat(cos, 2, axis=-1)[None, :, None, :]
+            s = jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], -1)[None, :, None, :]
+            return (xf * c + swapped * s).astype(x.dtype)
+        dit.apply_rope = swapped_rope
     elif name == "diag_no_rope_norm":  # diagnostic only: what RMSNorm + RoPE cost
         def qkv(self, x, cos, sin):
             split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, -1)
@@ -150,7 +162,7 @@ def apply_variant(name):
         dit.attention = lambda q, k, v, **kw: orig(q, k, v, **kw) if k.shape[1] < 2048 else q
 
 
-def speed(res, ref, sd, cfg, dims, dev, speed_grid, small, backends, profile=False):
+def speed(res, ref, sd, cfg, dims, dev, speed_grid, small, backends, profile=False, dump_hlo=False):
     ref = ref.to(torch.bfloat16)
     _, m16 = load_wan_dit(sd, cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     del sd
@@ -185,7 +197,14 @@ def speed(res, ref, sd, cfg, dims, dev, speed_grid, small, backends, profile=Fal
             import tempfile
 
             from benchmarks.common import profile_kernels
-            row["profile"] = profile_kernels(lambda fwd=fwd: fwd(*args), 2, tempfile.mkdtemp(prefix="dit-"), top=25)
+            row["profile"] = profile_kernels(lambda fwd=fwd: fwd(*args), 2, tempfile.mkdtemp(prefix="dit-"),
+                                             top=80 if dump_hlo else 25)
+        if dump_hlo and os.environ.get("OUT"):
+            graphdef, state = nnx.split(m16)
+            text = jax.jit(lambda s, *a, g=graphdef, b=backend: nnx.merge(g, s)(*a, attention_backend=b)).lower(
+                state, *args).compile().as_text()
+            with open(os.path.join(os.environ["OUT"], f"bench_dit_{backend}.hlo.txt"), "w") as f:
+                f.write(text)
         res[f"backend_{backend}"] = row
         print(f"{backend}: { {k: v for k, v in row.items() if k != 'profile'} }", file=sys.stderr, flush=True)
     res.update(res[f"backend_{backends[0]}"])

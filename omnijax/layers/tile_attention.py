@@ -70,20 +70,26 @@ def fa3_kernel(q, k, v, *, block_q: int = FA3_BLOCK_Q, block_kv: int = FA3_BLOCK
 
 
 def tile_padded_attention(q, k, v, *, kernel: Callable = fa3_kernel, block_kv: int = FA3_BLOCK_KV,
-                          scale: float | None = None):
-    """Softmax attention of q [B, L, N, K] over k, v [B, S, N, K] for any S through `kernel`.
+                          block_q: int = 2 * FA3_BLOCK_Q, scale: float | None = None):
+    """Softmax attention of q [B, L, N, K] over k, v [B, S, N, K] for any L and S through `kernel`.
 
     Args:
       kernel: (q16 scaled, k16, v16) -> (out16 [B, L, N, K], lse [B, L, N] natural log); takes S % block_kv == 0.
         k and v have q's B and N (no grouped heads).
+      block_q: the queries are padded (zero rows, dropped again) to a multiple of this before the kernel, so that the
+        float16 rows the kernel reads are one array made in one pass with q's producer (the RoPE), and the
+        correction's logits s_r are read from those same rows in a reduction of its own. Computing s_r from the
+        unpadded q gave the RoPE'd q two readers, so it was stored once more in bf16, and XLA fused s_r with the
+        log-sum-exp's transpose into one slow pass: q's RoPE, cast, pad and s_r took 0.42 ms a call at 32,760
+        tokens on the H200, now 0.13 ms (docs/benchmarks.md, session 9).
       scale: logit scale, default 1/sqrt(K).
     Returns:
       [B, L, N, K] in q's dtype.
     """
-    b, _, n, d = q.shape
+    b, lq, n, d = q.shape
     lk = k.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    q16 = (q.astype(F32) * scale).astype(F16)
+    q16 = jnp.pad((q.astype(F32) * scale).astype(F16), ((0, 0), (0, -lq % block_q), (0, 0), (0, 0)))
     k16 = k.astype(F16)
     _, top = jnp.frexp(jnp.max(jnp.abs(v), axis=(1, 3), keepdims=True).astype(F32))  # per (B, N): max |v| < 2^top
     shift = jnp.clip(14 - top, -126, 126)
@@ -93,10 +99,13 @@ def tile_padded_attention(q, k, v, *, kernel: Callable = fa3_kernel, block_kv: i
         k16 = jnp.concatenate([k16, jnp.broadcast_to(k16[:, -1:], (b, pad, n, d))], axis=1)
         v16 = jnp.concatenate([v16, jnp.zeros((b, pad, n, d), F16)], axis=1)
     out, lse = kernel(q16, k16, v16)
-    out = out.astype(F32)
+    out = out[:, :lq].astype(F32)
     if pad:
-        s_r = jnp.sum(q16.astype(F32) * k16[:, lk - 1:lk].astype(F32), axis=-1)  # one fused pass over q
-        out = out * (1.0 / (1.0 - pad * jnp.exp(s_r - lse)))[..., None]
+        # s_r: each row's logit against the copied key, from the kernel's own float16 inputs; the barrier keeps
+        # this reduction a pass of its own over q16 (one fused with the transpose of lse is 4x slower).
+        s_r = jax.lax.optimization_barrier(
+            jnp.sum(q16[:, :lq].astype(F32) * k16[:, lk - 1:lk].astype(F32), axis=-1))
+        out = out * (1.0 / (1.0 - pad * jnp.exp(s_r - lse[:, :lq])))[..., None]
     return (out * _power_of_two(-shift)).astype(q.dtype)
 
 

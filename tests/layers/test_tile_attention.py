@@ -16,12 +16,14 @@ from omnijax.layers.tile_attention import tile_padded_attention, with_reference_
 from tests.attention_ref import dense_attention
 
 BLOCK = 8
+Q_TILE = 128  # tile_padded_attention's default block_q: the rows the FA3 kernel takes per program
 
 
 def tile_kernel(q16, k16, v16):
-    """Dense softmax with the FA3 kernel's contract; refuses a key count that is not whole tiles."""
+    """Dense softmax with the FA3 kernel's contract; refuses key or query counts that are not whole tiles."""
     assert q16.dtype == k16.dtype == v16.dtype == jnp.float16
     assert k16.shape[1] % BLOCK == 0, k16.shape
+    assert q16.shape[1] % Q_TILE == 0, q16.shape
     s = jnp.einsum("blnk,bsnk->blns", q16.astype(jnp.float32), k16.astype(jnp.float32))
     lse = jax.nn.logsumexp(s, axis=-1)
     out = jnp.einsum("blns,bsnk->blnk", jnp.exp(s - lse[..., None]), v16.astype(jnp.float32))
