@@ -127,35 +127,52 @@ def main(argv=None) -> int:
     p.add_argument("--objects", type=int, choices=[1, 2], default=2, help="objects per clip (masks given)")
     p.add_argument("--runs", default="first_run,second_run,batch", help="which runs, in order (comma list)")
     p.add_argument("--attention", default="auto", help="the CLI's --attention (auto: fa3 on a single Hopper GPU)")
-    p.add_argument("--workdir", default=None, help="where checkpoints and clips go (default: a temporary folder)")
+    p.add_argument("--workdir", default=None, help="where checkpoints and clips go (default: a temporary folder); "
+                                                    "one used before is reused")
+    p.add_argument("--tag", default="", help="suffix of the output folders and the JSON (several calls, one workdir)")
     a = p.parse_args(argv)
     from data.example_clip import write_example
 
     work = a.workdir or tempfile.mkdtemp(prefix="bench_decompose_cli-")
     t = time.perf_counter()
-    flags, text_dim = write_checkpoints(os.path.join(work, "ckpt"), a.tiny)
+    # A --workdir used before keeps its checkpoints, clips, embedding and compilation caches (e.g. to time a batch
+    # with another version of the CLI on the same machine, its programs already compiled by the first call).
+    made = os.path.join(work, "ckpt", "flags.json")
+    if os.path.exists(made):
+        with open(made) as f:
+            flags, text_dim = json.load(f)
+    else:
+        flags, text_dim = write_checkpoints(os.path.join(work, "ckpt"), a.tiny)
     checkpoints_s = time.perf_counter() - t
     frames, h, w = (9, 64, 112) if a.tiny else (81, 480, 832)
     n_clips = a.batch if "batch" in a.runs.split(",") else 1
-    clips = [write_example(os.path.join(work, f"clip{i}"), frames, h, w, seed=i) for i in range(n_clips)]
+    clips = [c if os.path.exists(os.path.join(c, "input_video.mp4")) else write_example(c, frames, h, w, seed=i)
+             for i, c in enumerate(os.path.join(work, f"clip{i}") for i in range(n_clips))]
     cache = os.path.join(work, "conditioning")
     dtype = "f32" if a.tiny else "bf16"
-    seed_text_cache(cache, flags, text_dim, dtype)
+    if not os.path.exists(made):
+        seed_text_cache(cache, flags, text_dim, dtype)
+        with open(made, "w") as f:
+            json.dump([flags, text_dim], f)
     path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep packages installed beside us
     env = {**os.environ, "XDG_CACHE_HOME": os.path.join(work, "xdg"), "PYTHONPATH": path}
     common = ["--model", "wan", "--steps", str(a.steps), "--cache", cache, "--dtype", dtype, "--attention", a.attention,
               *[x for k, v in flags.items() for x in (f"--{k}", v)]] + (["--height", str(h)] if a.tiny else [])
+
+    tag = f"_{a.tag}" if a.tag else ""
 
     def clip_args(i, out):
         c = clips[i]
         masks = [os.path.join(c, f"mask_{k:02d}.mp4") for k in range(a.objects)]
         return ["--video", os.path.join(c, "input_video.mp4"), "--masks", *masks, "--out", out]
 
-    result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "steps": a.steps, "attention": a.attention,
+    result = {"date": datetime.date.today().isoformat(), "tiny": a.tiny, "tag": a.tag, "steps": a.steps,
+              "attention": a.attention,
               "clip": f"{frames}x{h}x{w}, {a.objects} object(s)", "checkpoints_written_s": round(checkpoints_s, 1)}
-    batch = [x for i in range(n_clips) for x in clip_args(i, os.path.join(work, f"out_batch{i}"))]
-    runs = (("first_run", common + clip_args(0, os.path.join(work, "out_first_run"))),
-            ("second_run", common + clip_args(0, os.path.join(work, "out_second_run"))), ("batch", common + batch))
+    batch = [x for i in range(n_clips) for x in clip_args(i, os.path.join(work, f"out_batch{i}{tag}"))]
+    runs = (("first_run", common + clip_args(0, os.path.join(work, f"out_first_run{tag}"))),
+            ("second_run", common + clip_args(0, os.path.join(work, f"out_second_run{tag}"))),
+            ("batch", common + batch))
     unknown = set(a.runs.split(",")) - {name for name, _ in runs}
     if unknown:
         p.error(f"--runs: unknown {sorted(unknown)}")
@@ -172,8 +189,8 @@ def main(argv=None) -> int:
               + "; slowest writers: " + ", ".join(f"{f} {v}" for f, v in files)
               + "; JAX so far: " + ", ".join(f"{k} {v}" for k, v in first["jax_compile_s"].items()),
               file=sys.stderr, flush=True)
-        save("bench_decompose_cli", result)  # a run cut off by a time limit keeps the runs before it
-    emit("bench_decompose_cli", result)
+        save(f"bench_decompose_cli{tag}", result)  # a run cut off by a time limit keeps the runs before it
+    emit(f"bench_decompose_cli{tag}", result)
     return 0
 
 

@@ -55,6 +55,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -70,6 +71,7 @@ COMPILE_CLOCK = None  # omnijax.compile_cache.CompileClock of this process, star
 MAX_ASPECT = 4.0
 MODEL_FLAGS = (("dit", "wan_dit"), ("vae", "wan_vae"), ("umt5", "umt5"), ("clip", "wan_clip"))
 MASK_THRESHOLD = 240  # omnijax.omnimatte.masks.BINARY_THRESHOLD
+IN_FLIGHT = 2  # clips of a batch dispatched and not yet taken back (the device runs one while the next waits)
 
 
 class InputError(ValueError):
@@ -389,14 +391,17 @@ class StageTimings(dict):
         self.peak_gb[stage] = peak_memory_gb()
 
 
-def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict, inputs=None):
-    """Decomposes one clip. Returns a function writing its files into a folder (returns the report).
+def start_clip(clip: Clip, decomposer, args, height: int, shared: dict, inputs=None, after=None):
+    """Reads one clip (or waits for its read-ahead) and dispatches its decomposition without waiting for it.
+    Returns a function that waits for the result and returns the function writing its files into a folder
+    (which returns the report).
 
     inputs: a future of `read_inputs`' result for this clip (read ahead on a thread while the models loaded or the
-      previous clip ran; "read" is then the time spent waiting for it); None reads the clip here."""
+      previous clip ran; "read" is then the time spent waiting for it); None reads the clip here.
+    after: the previous clip's pending result (omnijax.omnimatte.decompose.start_decompose), still running."""
     import jax
 
-    from omnijax.omnimatte.decompose import SamplerSettings, decompose_video
+    from omnijax.omnimatte.decompose import SamplerSettings, start_decompose
     from omnijax.omnimatte.outputs import write_outputs
 
     t0 = time.perf_counter()
@@ -406,29 +411,35 @@ def decompose_clip(clip: Clip, decomposer, args, height: int, shared: dict, inpu
     n, h, w, _ = video8.shape
     timings["read"] = time.perf_counter() - t0
     settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
-    layers = decompose_video(decomposer, video8, masks8, settings, height=height, prompt=args.prompt,
-                             timings=timings)
+    pending = start_decompose(decomposer, video8, masks8, settings, height=height, prompt=args.prompt,
+                              timings=timings, after=after)
 
-    def write(folder):
-        s = time.perf_counter()
-        files_s = write_outputs(folder, video8, layers.background, layers.alphas, layers.foregrounds, fps)
-        timings["write"] = time.perf_counter() - s
-        timings["total"] = time.perf_counter() - t0
-        report = dict(
-            tool=TOOL, video=os.path.abspath(clip.video), masks=[os.path.abspath(m) for m in clip.masks], frames=n,
-            size=[h, w], fps=fps, processing_size=list(layers.processing_size),
-            processing_frames=layers.processing_frames,
-            settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
-            recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
-            write_files_s=files_s, peak_memory_gb_after_stage=timings.peak_gb, **shared,
-            since_start_s=round(time.perf_counter() - T_START, 3), jax_compile_s=COMPILE_CLOCK.totals(),
-            load_split_s=getattr(decomposer, "load_split_s", None),
-            umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
-        with open(os.path.join(folder, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        return report
+    def finish():
+        layers = pending.result()
 
-    return write
+        def write(folder):
+            s = time.perf_counter()
+            files_s = write_outputs(folder, video8, layers.background, layers.alphas, layers.foregrounds, fps)
+            timings["write"] = time.perf_counter() - s
+            timings["total"] = time.perf_counter() - t0
+            report = dict(
+                tool=TOOL, video=os.path.abspath(clip.video), masks=[os.path.abspath(m) for m in clip.masks],
+                frames=n, size=[h, w], fps=fps, processing_size=list(layers.processing_size),
+                processing_frames=layers.processing_frames,
+                settings=dict(steps=args.steps, tau=args.tau, seed=args.seed, model=args.model, prompt=args.prompt),
+                recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
+                write_files_s=files_s, peak_memory_gb_after_stage=timings.peak_gb, **shared,
+                since_start_s=round(time.perf_counter() - T_START, 3), jax_compile_s=COMPILE_CLOCK.totals(),
+                load_split_s=getattr(decomposer, "load_split_s", None),
+                umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
+            with open(os.path.join(folder, "report.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            return report
+
+        return write
+
+    finish.pending = pending
+    return finish
 
 
 def run(args, clips: list[Clip]) -> tuple[list, list]:
@@ -497,30 +508,65 @@ def _load_and_run(args, ready: list[Clip], failed: list, height: int, cache_dir,
         finally:
             bar.update()
 
-    # One writer thread: clip i's files are encoded (on its own pool) while clip i+1 is read and decomposed.
+    # The main thread reads and dispatches the clips one after the other; one writer thread takes each clip's result
+    # (waits for it, copies it back) and writes its files (each clip's files encoded on its own pool). Taking a result
+    # on the dispatching thread held the next clip back: a launch of the sampler returns only when its loop is done
+    # on the device (its step count is a traced value), so the host, not the device, paced a batch (session 9).
+    # At most IN_FLIGHT clips are dispatched and not yet taken (where launches do not wait, the main thread would
+    # otherwise put every clip of a long batch on the device at once).
+    def finish_and_publish(clip, finish, taken: threading.Event):
+        """(None, report), or (the clip's own failure, None); a failure to write its files is raised."""
+        try:
+            write = finish()
+        except Exception as e:  # noqa: BLE001  (one clip's failure must not stop the batch)
+            if not isinstance(e, InputError):
+                traceback.print_exc()
+            return e, None
+        finally:
+            taken.set()
+        bar.update()
+        return None, publish_and_count(clip.out, write)
+
     with concurrent.futures.ThreadPoolExecutor(1) as writer:
-        pending = []
+        pending, taken, after = [], [], None
         for i, clip in enumerate(ready):
             bar.set_postfix_str(f"clip {i + 1}/{len(ready)}" if len(ready) > 1 else "clip")
             inputs, ahead = ahead, read_ahead(ready[i + 1]) if i + 1 < len(ready) else None
+            if len(taken) >= IN_FLIGHT:
+                taken[-IN_FLIGHT].wait()
             try:
-                write = decompose_clip(clip, decomposer, args, height, shared, inputs)
-                bar.update()
-                pending.append((clip, writer.submit(publish_and_count, clip.out, write)))
-            except InputError as e:
-                failed.append((clip, str(e), 2))
-            except Exception as e:  # noqa: BLE001  (one clip's failure must not stop the batch)
-                traceback.print_exc()
-                failed.append((clip, f"{type(e).__name__}: {e}".splitlines()[0], 1))
+                finish = start_clip(clip, decomposer, args, height, shared, inputs, after=after)
+            except Exception as e:  # noqa: BLE001
+                _clip_failed(clip, e, failed)
+                continue
+            after = finish.pending
+            taken.append(threading.Event())
+            pending.append((clip, writer.submit(finish_and_publish, clip, finish, taken[-1])))
         for clip, fut in pending:
             try:
-                done.append((clip, fut.result()))
+                error, report = fut.result()
             except InputError as e:
                 failed.append((clip, str(e), 2))
             except Exception as e:  # noqa: BLE001
                 failed.append((clip, f"writing failed: {type(e).__name__}: {e}".splitlines()[0], 1))
+            else:
+                if error is None:
+                    done.append((clip, report))
+                else:
+                    _clip_failed(clip, error, failed, trace=False)
     bar.close()  # before any error line, so that line stays last
     return done
+
+
+def _clip_failed(clip: Clip, e: Exception, failed: list, trace: bool = True) -> None:
+    """Records one clip's failure (exit code 2 for bad input, 1 for anything else) and goes on with the batch.
+    trace: print the traceback (False: printed already)."""
+    if isinstance(e, InputError):
+        failed.append((clip, str(e), 2))
+    else:
+        if trace:
+            traceback.print_exc()
+        failed.append((clip, f"{type(e).__name__}: {e}".splitlines()[0], 1))
 
 
 def _publish_report(out, write):

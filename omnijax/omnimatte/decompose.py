@@ -18,9 +18,10 @@ from the previous stage's result to its own.
 
 `decompose_video` is the whole job on a video of any size and frame count: fit to the processing size (height,
 width a multiple of 16) and to 4k+1 frames (ping-pong), run a `Decomposer`, resize back, recover each object's
-foreground (eq. 2) and measure the recomposition PSNR. The CLI (launch/decompose.py) and the trainer's preview
-both call it; a `Decomposer` keeps its compiled pieces, and `Decomposer.set_experts` swaps in new adapter
-values without recompiling.
+foreground (eq. 2) and measure the recomposition PSNR. `start_decompose` is the same without waiting for the
+result, so that a batch dispatches the next clip while the device still runs this one (the CLI,
+launch/decompose.py; the trainer's preview calls `decompose_video`). A `Decomposer` keeps its compiled pieces,
+and `Decomposer.set_experts` swaps in new adapter values without recompiling.
 """
 
 from __future__ import annotations
@@ -83,16 +84,24 @@ class StageClock:
     A device runs its programs in dispatch order, so a stage's time is from the previous stage's result to its own;
     the host's tracing, lowering and program loading for a stage hide behind the device work of the stages before
     it instead of adding to it. `timings[name]` accumulates (a dict, e.g. launch/decompose.py's StageTimings).
+
+    after: the clock of work dispatched before this one (the previous clip of a batch, still running when this
+      clip's stages are dispatched): the first stage is then timed from the later of this clock's creation and the
+      result of the last stage `after` had been given by then, not across the device time of the previous clip.
     """
 
-    def __init__(self, timings: dict):
+    def __init__(self, timings: dict, *, after: StageClock | None = None):
         self.timings, self._last, self._error = timings, time.perf_counter(), None
+        self._after = None if after is None else (after, after._marked)
+        self._marked, self._recorded, self._ready_at = 0, 0, self._last
+        self._recorded_cv = threading.Condition()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._watch, name="stage-clock", daemon=True)
         self._thread.start()
 
     def mark(self, name: str, outputs) -> None:
         """`outputs` (any pytree of arrays) complete stage `name`."""
+        self._marked += 1
         self._queue.put((name, outputs))
 
     def close(self, *, check: bool = True) -> None:
@@ -103,7 +112,14 @@ class StageClock:
         if check and self._error is not None:
             raise self._error
 
+    def ready_time(self, count: int) -> float:
+        """Waits until the first `count` marked stages are recorded; the time the last of them was ready."""
+        with self._recorded_cv:
+            self._recorded_cv.wait_for(lambda: self._recorded >= count)
+            return self._ready_at
+
     def _watch(self) -> None:
+        first = True
         while (item := self._queue.get()) is not None:
             name, outputs = item
             try:
@@ -111,11 +127,17 @@ class StageClock:
             except Exception as e:  # noqa: BLE001  (raised by close(), in the caller's thread)
                 self._error = self._error or e
             now = time.perf_counter()
+            if first and self._after is not None:
+                self._last = max(self._last, self._after[0].ready_time(self._after[1]))
+            first = False
             try:
                 self.timings[name] = self.timings.get(name, 0.0) + now - self._last
             except Exception as e:  # noqa: BLE001  (e.g. a timings dict that records more; never stop the clock)
                 self._error = self._error or e
             self._last = now
+            with self._recorded_cv:
+                self._recorded, self._ready_at = self._recorded + 1, now
+                self._recorded_cv.notify_all()
 
 
 class Decomposer:
@@ -211,11 +233,14 @@ class Decomposer:
         own_clock = clock is None
         clock = StageClock({} if timings is None else timings) if own_clock else clock
         try:
+            # Copied to the device first: the copies run while the device finishes earlier work (the previous clip
+            # of a batch), before condition() may wait for a CLIP embedding computed behind that work.
+            video_dev, masks_dev = jax.device_put((np.asarray(video, np.float32), np.asarray(object_masks, np.float32)))
             context, clip = self.condition(video, prompt)
             clock.mark("encoders", (context, clip))
-            latent = self._encode(np.asarray(video, np.float32))  # [1, T, h, w, 16]
+            latent = self._encode(video_dev)  # [1, T, h, w, 16]
             select = tuple(tuple(bool(v) for v in row) for row in sampler_passes(object_masks))  # [P, K]
-            y, z, context, clip = self._conditions(latent, np.asarray(object_masks, np.float32), context, clip,
+            y, z, context, clip = self._conditions(latent, masks_dev, context, clip,
                                                    np.int32(settings.seed), select=select,
                                                    dilation=settings.dilation)
             clock.mark("vae_encode", y)
@@ -352,6 +377,38 @@ def decompose_video(decomposer: Decomposer, video, object_masks, settings: Sampl
     Returns:
       Layers at the input's size and frame count.
     """
+    return start_decompose(decomposer, video, object_masks, settings, height=height, prompt=prompt,
+                           timings=timings).result()
+
+
+class PendingLayers:
+    """A clip whose stages are dispatched (`start_decompose`); `result()` waits for them and returns its Layers."""
+
+    def __init__(self, layers, clock: StageClock, timings: dict, size: tuple[int, int], frames: int):
+        self._layers, self.clock, self._timings, self._size, self._frames = layers, clock, timings, size, frames
+
+    def result(self) -> Layers:
+        """The clip's Layers on the host; raises the error of a stage that failed on the device."""
+        self.clock.close()
+        start = time.perf_counter()
+        background, alphas, fgs, psnr = jax.device_get(self._layers)  # the copy to the host is part of postprocess
+        self._layers = None
+        self._timings["postprocess"] = self._timings.get("postprocess", 0.0) + time.perf_counter() - start
+        return Layers(background, alphas, fgs, [float(v) for v in psnr], self._size, self._frames, self._timings)
+
+
+def start_decompose(decomposer: Decomposer, video, object_masks, settings: SamplerSettings = SamplerSettings(), *,
+                    height: int = 480, prompt: str = "", timings: dict | None = None,
+                    after: PendingLayers | None = None) -> PendingLayers:
+    """`decompose_video` without waiting: prepares the clip on the host and dispatches its stages, then returns.
+
+    A batch dispatches clip i+1 before taking clip i's result, so that the host's work for the next clip (its
+    resizing, transfers, dispatch) and for the last one (its copy back, its files) happens while the device runs.
+    The first stage that needs a result on the host (an uncached CLIP embedding) waits for the device's earlier work.
+
+    after: the previous clip's PendingLayers, still running: this clip's first stage is timed from its end
+      (StageClock's `after`). Take the results in dispatch order.
+    """
     timings = {} if timings is None else timings
     video, masks = _unit_float(video), _unit_float(object_masks)
     if video.ndim != 4 or video.shape[-1] != 3:
@@ -364,16 +421,17 @@ def decompose_video(decomposer: Decomposer, video, object_masks, settings: Sampl
     idx = pingpong_indices(n, target)
     small = resize(video, (ph, pw))[idx]
     small_masks = np.stack([resize(m, (ph, pw)) for m in masks])[:, idx]
-    clock = StageClock(timings)
+    clock = StageClock(timings, after=None if after is None else after.clock)
     try:
         background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings, clock=clock)
         layers = _layers_at(video, background, alphas, size=(h, w), frames=n)
         clock.mark("postprocess", layers)
+        # The copy back is queued now, right behind this clip's work: a copy asked for later (device_get in
+        # result()) waited for the programs dispatched in between, the whole next clip of a batch (measured on
+        # the H200, docs/benchmarks.md, session 9).
+        for leaf in jax.tree.leaves(layers):
+            leaf.copy_to_host_async()
     except BaseException:
         clock.close(check=False)
         raise
-    clock.close()
-    start = time.perf_counter()
-    background, alphas, fgs, psnr = jax.device_get(layers)  # the copy to the host is part of the postprocess
-    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - start
-    return Layers(background, alphas, fgs, [float(v) for v in psnr], (ph, pw), target, timings)
+    return PendingLayers(layers, clock, timings, (ph, pw), target)

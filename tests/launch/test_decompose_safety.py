@@ -5,6 +5,7 @@ where only the checks, the driver and the writing are under test (the real model
 
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -291,31 +292,79 @@ def test_batch_reads_one_clip_ahead(tmp_path, monkeypatch, echo_models):
     than one clip ahead (so a long batch does not fill the memory)."""
     clips = [_clip(tmp_path, name) for name in "abc"]
     started, ahead_while_running, ahead_at_start = [], [], []
-    real_read, real_clip = decompose.read_inputs, decompose.decompose_clip
+    real_read, real_clip = decompose.read_inputs, decompose.start_clip
 
     def read(video, masks, max_frames):
         started.append(video)
         return real_read(video, masks, max_frames)
 
-    def decompose_clip(clip, *a, **k):
+    def start_clip(clip, *a, **k):
         i = [v for v, _ in clips].index(clip.video)
         ahead_at_start.append(len(started) - (i + 1))
-        write = real_clip(clip, *a, **k)
+        finish = real_clip(clip, *a, **k)
         want = min(i + 2, len(clips))
         deadline = time.monotonic() + 5
         while len(started) < want and time.monotonic() < deadline:
             time.sleep(0.01)
         ahead_while_running.append(len(started) >= want)
-        return write
+        return finish
 
     monkeypatch.setattr(decompose, "read_inputs", read)
-    monkeypatch.setattr(decompose, "decompose_clip", decompose_clip)
+    monkeypatch.setattr(decompose, "start_clip", start_clip)
     args = [x for n, (v, m) in zip("abc", clips)
             for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
     assert decompose.main([*args, "--model", "tiny", "--no-compile-cache"]) == 0
     assert started == [v for v, _ in clips]  # in order, each once
     assert ahead_while_running == [True, True, True]
     assert max(ahead_at_start) <= 1
+
+
+def test_batch_dispatches_the_next_clip_while_taking_a_result(tmp_path, monkeypatch, echo_models):
+    """Clip i's result is taken (waited for, copied back, written) on another thread while clip i+1 is dispatched,
+    so that the device never waits for the host between clips; no more than IN_FLIGHT clips are dispatched and not
+    yet taken; a clip whose result fails does not stop the others."""
+    names = "abcd"
+    clips = [_clip(tmp_path, name) for name in names]
+    events, lock, real_clip = [], threading.Lock(), decompose.start_clip
+    next_started, in_flight = [], []
+
+    def log(event):
+        with lock:
+            events.append(event)
+
+    def start_clip(clip, *a, **k):
+        name = os.path.basename(os.path.dirname(clip.video))
+        with lock:
+            # dispatched and not yet taken, this one included
+            starts, taken = (sum(e.startswith(w) for e in events) for w in ("start", "taken"))
+            in_flight.append(1 + starts - taken)
+        log(f"start {name}")
+        finish = real_clip(clip, *a, **k)
+
+        def logged():
+            i = names.index(name)
+            if i + 1 < len(names):  # the next clip is dispatched while this result is still being waited for
+                deadline = time.monotonic() + 5
+                while f"start {names[i + 1]}" not in events and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                next_started.append(f"start {names[i + 1]}" in events)
+            time.sleep(0.2)  # a slow device: an unbounded loop would dispatch every clip meanwhile
+            log(f"taken {name}")
+            if name == "b":
+                raise RuntimeError("device failure (a stand-in)")
+            return finish()
+        logged.pending = finish.pending
+        return logged
+
+    monkeypatch.setattr(decompose, "start_clip", start_clip)
+    args = [x for n, (v, m) in zip(names, clips)
+            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    assert decompose.main([*args, "--model", "tiny", "--no-compile-cache"]) == 1
+    assert next_started == [True, True, True]
+    assert max(in_flight) <= decompose.IN_FLIGHT
+    assert [e for e in events if e.startswith("taken")] == [f"taken {n}" for n in names]  # in order
+    assert all((tmp_path / f"o{n}" / "report.json").exists() for n in "acd")
+    assert not (tmp_path / "ob").exists()
 
 
 def test_model_failure_is_reported_without_waiting_for_the_read_ahead(tmp_path, monkeypatch):

@@ -46,3 +46,22 @@ def test_a_failed_stage_does_not_stop_the_clock_and_is_raised_by_close():
     clock = StageClock({})
     clock.mark("sampler", Pending(time.perf_counter(), error=True))
     clock.close(check=False)  # the caller is already raising another error
+
+
+def test_a_clock_after_another_times_its_first_stage_from_the_others_end():
+    # Clip 2 is dispatched while clip 1 still runs (0 - 0.4 s): its first stage, ready at 0.5 s, took 0.1 s of
+    # device time, not the 0.5 s since its clock was made.
+    t0 = time.perf_counter()
+    first, second = {}, {}
+    clock1 = StageClock(first)
+    clock1.mark("sampler", Pending(t0 + 0.2))
+    clock1.mark("postprocess", Pending(t0 + 0.4))
+    clock2 = StageClock(second, after=clock1)
+    clock1.mark("late", Pending(t0 + 0.9))  # marked after clock2 was made: not clock2's business
+    clock2.mark("encoders", Pending(t0 + 0.5))
+    clock2.mark("sampler", Pending(t0 + 0.7))
+    clock2.close()
+    clock1.close()
+    assert first["postprocess"] == pytest.approx(0.2, abs=0.08)
+    assert second["encoders"] == pytest.approx(0.1, abs=0.08)
+    assert second["sampler"] == pytest.approx(0.2, abs=0.08)
