@@ -15,8 +15,11 @@ checks, parses arguments, reads, writes and reports. Model flags take what conve
 converted folder, the original files); --model tiny uses random tiny models.
 
 Several clips (repeated --video/--masks/--out, or --manifest, whose relative paths are relative to the manifest's
-folder) run in one process: the models are loaded and compiled once, a clip's files are written while the next
-clip runs, a clip that fails is reported and the others go on; the exit code is non-zero if any clip failed.
+folder) run in one process: the models are loaded and compiled once; the main thread reads and dispatches the
+clips one after the other (omnijax.omnimatte.decompose.start_decompose) while a writer thread takes each clip's
+result and writes its files, so the device goes from one clip to the next without waiting for the host (at most
+IN_FLIGHT clips dispatched and not yet taken); a clip that fails is reported and the others go on; the exit code is
+non-zero if any clip failed. A clip's first stage in report.json is timed from the previous clip's result.
 
 Safety: every argument and file is checked before a model is built (a failing check is one line, exit code 2).
 --out must be a new or empty folder, or an earlier output of this tool (it holds our report.json) replaced only
