@@ -80,8 +80,8 @@ def tile_padded_attention(q, k, v, *, kernel: Callable = fa3_kernel, block_kv: i
         float16 rows the kernel reads are one array made in one pass with q's producer (the RoPE), and the
         correction's logits s_r are read from those same rows in a reduction of its own. Computing s_r from the
         unpadded q gave the RoPE'd q two readers, so it was stored once more in bf16, and XLA fused s_r with the
-        log-sum-exp's transpose into one slow pass: q's RoPE, cast, pad and s_r took 0.42 ms a call at 32,760
-        tokens on the H200, now 0.13 ms (docs/benchmarks.md, session 9).
+        log-sum-exp's transpose into one slow pass (242 µs a call at 32,760 tokens on the H200, now 56 µs; q's
+        RoPE, cast, pad and s_r 0.42 -> 0.24 ms, docs/benchmarks.md, session 9).
       scale: logit scale, default 1/sqrt(K).
     Returns:
       [B, L, N, K] in q's dtype.
