@@ -140,7 +140,10 @@ def main(argv=None) -> int:
     made = os.path.join(work, "ckpt", "flags.json")
     if os.path.exists(made):
         with open(made) as f:
-            flags, text_dim = json.load(f)
+            flags, text_dim, tiny = json.load(f)
+        if tiny != a.tiny:
+            p.error(f"--workdir {work} holds {'tiny' if tiny else 'full-size'} checkpoints; this call asks for "
+                    f"{'tiny' if a.tiny else 'full-size'} ones")
     else:
         flags, text_dim = write_checkpoints(os.path.join(work, "ckpt"), a.tiny)
     checkpoints_s = time.perf_counter() - t
@@ -153,10 +156,12 @@ def main(argv=None) -> int:
     if not os.path.exists(made):
         seed_text_cache(cache, flags, text_dim, dtype)
         with open(made, "w") as f:
-            json.dump([flags, text_dim], f)
+            json.dump([flags, text_dim, a.tiny], f)
     path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep packages installed beside us
     env = {**os.environ, "XDG_CACHE_HOME": os.path.join(work, "xdg"), "PYTHONPATH": path}
+    # --overwrite: a reused --workdir holds the folders of its earlier calls (ours: the CLI recognises them).
     common = ["--model", "wan", "--steps", str(a.steps), "--cache", cache, "--dtype", dtype, "--attention", a.attention,
+              "--overwrite",
               *[x for k, v in flags.items() for x in (f"--{k}", v)]] + (["--height", str(h)] if a.tiny else [])
 
     tag = f"_{a.tag}" if a.tag else ""

@@ -18,8 +18,11 @@ Several clips (repeated --video/--masks/--out, or --manifest, whose relative pat
 folder) run in one process: the models are loaded and compiled once; the main thread reads and dispatches the
 clips one after the other (omnijax.omnimatte.decompose.start_decompose) while a writer thread takes each clip's
 result and writes its files, so the device goes from one clip to the next without waiting for the host (at most
-IN_FLIGHT clips dispatched and not yet taken); a clip that fails is reported and the others go on; the exit code is
-non-zero if any clip failed. A clip's first stage in report.json is timed from the previous clip's result.
+IN_FLIGHT clips dispatched and not yet taken; each holds its layers at the input size on the device until then,
+~1.4 GB at 81x480x832 with one object, so a batch peaks higher than one clip: +0.5 GB measured); a clip that fails
+is reported and the others go on; the exit code is non-zero if any clip failed; an interrupt (Ctrl-C) writes no
+clip that was not yet written. In report.json a clip's first stage is timed from the previous clip's result, and
+its "total" (from its read to its files) overlaps the previous and next clips' work.
 
 Safety: every argument and file is checked before a model is built (a failing check is one line, exit code 2).
 --out must be a new or empty folder, or an earlier output of this tool (it holds our report.json) replaced only
@@ -517,34 +520,46 @@ def _load_and_run(args, ready: list[Clip], failed: list, height: int, cache_dir,
     # on the device (its step count is a traced value), so the host, not the device, paced a batch (session 9).
     # At most IN_FLIGHT clips are dispatched and not yet taken (where launches do not wait, the main thread would
     # otherwise put every clip of a long batch on the device at once).
+    # An interrupt (Ctrl-C) stops the writer from taking or publishing any clip it has not published yet.
+    stop = threading.Event()
+
     def finish_and_publish(clip, finish, taken: threading.Event):
-        """(None, report), or (the clip's own failure, None); a failure to write its files is raised."""
+        """(None, report), or ((message, exit code) of the clip's own failure, None); a failure to write its files
+        is raised. Returns a message, not the exception: its traceback would keep the clip's frames alive."""
         try:
+            if stop.is_set():
+                return ("interrupted before its result was taken", 1), None
             write = finish()
         except Exception as e:  # noqa: BLE001  (one clip's failure must not stop the batch)
-            if not isinstance(e, InputError):
-                traceback.print_exc()
-            return e, None
+            return _failure(e), None
         finally:
             taken.set()
+        if stop.is_set():
+            return ("interrupted before its files were written", 1), None
         bar.update()
         return None, publish_and_count(clip.out, write)
 
     with concurrent.futures.ThreadPoolExecutor(1) as writer:
         pending, taken, after = [], [], None
-        for i, clip in enumerate(ready):
-            bar.set_postfix_str(f"clip {i + 1}/{len(ready)}" if len(ready) > 1 else "clip")
-            inputs, ahead = ahead, read_ahead(ready[i + 1]) if i + 1 < len(ready) else None
-            if len(taken) >= IN_FLIGHT:
-                taken[-IN_FLIGHT].wait()
-            try:
-                finish = start_clip(clip, decomposer, args, height, shared, inputs, after=after)
-            except Exception as e:  # noqa: BLE001
-                _clip_failed(clip, e, failed)
-                continue
-            after = finish.pending
-            taken.append(threading.Event())
-            pending.append((clip, writer.submit(finish_and_publish, clip, finish, taken[-1])))
+        try:
+            for i, clip in enumerate(ready):
+                bar.set_postfix_str(f"clip {i + 1}/{len(ready)}" if len(ready) > 1 else "clip")
+                inputs, ahead = ahead, read_ahead(ready[i + 1]) if i + 1 < len(ready) else None
+                if len(taken) >= IN_FLIGHT:
+                    taken[-IN_FLIGHT].wait()
+                try:
+                    finish = start_clip(clip, decomposer, args, height, shared, inputs, after=after)
+                except Exception as e:  # noqa: BLE001
+                    failed.append((clip, *_failure(e)))
+                    continue
+                after = finish.pending
+                taken.append(threading.Event())
+                pending.append((clip, writer.submit(finish_and_publish, clip, finish, taken[-1])))
+                del finish
+        except BaseException:
+            stop.set()
+            writer.shutdown(wait=False, cancel_futures=True)
+            raise
         for clip, fut in pending:
             try:
                 error, report = fut.result()
@@ -556,20 +571,18 @@ def _load_and_run(args, ready: list[Clip], failed: list, height: int, cache_dir,
                 if error is None:
                     done.append((clip, report))
                 else:
-                    _clip_failed(clip, error, failed, trace=False)
+                    failed.append((clip, *error))
     bar.close()  # before any error line, so that line stays last
     return done
 
 
-def _clip_failed(clip: Clip, e: Exception, failed: list, trace: bool = True) -> None:
-    """Records one clip's failure (exit code 2 for bad input, 1 for anything else) and goes on with the batch.
-    trace: print the traceback (False: printed already)."""
+def _failure(e: Exception) -> tuple[str, int]:
+    """One clip's failure as (one-line message, exit code: 2 for bad input, 1 for anything else); prints the
+    traceback of anything but bad input."""
     if isinstance(e, InputError):
-        failed.append((clip, str(e), 2))
-    else:
-        if trace:
-            traceback.print_exc()
-        failed.append((clip, f"{type(e).__name__}: {e}".splitlines()[0], 1))
+        return str(e), 2
+    traceback.print_exception(e)
+    return f"{type(e).__name__}: {e}".splitlines()[0], 1
 
 
 def _publish_report(out, write):

@@ -119,7 +119,6 @@ class StageClock:
             return self._ready_at
 
     def _watch(self) -> None:
-        first = True
         while (item := self._queue.get()) is not None:
             name, outputs = item
             try:
@@ -127,16 +126,18 @@ class StageClock:
             except Exception as e:  # noqa: BLE001  (raised by close(), in the caller's thread)
                 self._error = self._error or e
             now = time.perf_counter()
-            if first and self._after is not None:
+            if self._after is not None:  # the first stage: from the previous clip's end (then let that clock go)
                 self._last = max(self._last, self._after[0].ready_time(self._after[1]))
-            first = False
+                self._after = None
+            # A stage ready before the previous clip's end (outputs that need no device work, e.g. cached
+            # embeddings) took no time of its own; the next stage is timed from that end.
             try:
-                self.timings[name] = self.timings.get(name, 0.0) + now - self._last
+                self.timings[name] = self.timings.get(name, 0.0) + max(0.0, now - self._last)
             except Exception as e:  # noqa: BLE001  (e.g. a timings dict that records more; never stop the clock)
                 self._error = self._error or e
-            self._last = now
+            self._last = max(self._last, now)
             with self._recorded_cv:
-                self._recorded, self._ready_at = self._recorded + 1, now
+                self._recorded, self._ready_at = self._recorded + 1, self._last
                 self._recorded_cv.notify_all()
 
 
@@ -389,10 +390,12 @@ class PendingLayers:
 
     def result(self) -> Layers:
         """The clip's Layers on the host; raises the error of a stage that failed on the device."""
-        self.clock.close()
-        start = time.perf_counter()
-        background, alphas, fgs, psnr = jax.device_get(self._layers)  # the copy to the host is part of postprocess
-        self._layers = None
+        try:
+            self.clock.close()
+            start = time.perf_counter()
+            background, alphas, fgs, psnr = jax.device_get(self._layers)  # the copy to the host: postprocess
+        finally:
+            self._layers = None  # the device arrays go now, failed or not (a batch holds its pending clips)
         self._timings["postprocess"] = self._timings.get("postprocess", 0.0) + time.perf_counter() - start
         return Layers(background, alphas, fgs, [float(v) for v in psnr], self._size, self._frames, self._timings)
 

@@ -3,10 +3,12 @@ its results on a late failure, and runs batches of clips with per-clip failures.
 where only the checks, the driver and the writing are under test (the real models: tests/launch/test_decompose.py).
 """
 
+import gc
 import json
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -365,6 +367,72 @@ def test_batch_dispatches_the_next_clip_while_taking_a_result(tmp_path, monkeypa
     assert [e for e in events if e.startswith("taken")] == [f"taken {n}" for n in names]  # in order
     assert all((tmp_path / f"o{n}" / "report.json").exists() for n in "acd")
     assert not (tmp_path / "ob").exists()
+
+
+def test_interrupt_stops_the_clips_in_flight_from_being_written(tmp_path, monkeypatch, echo_models):
+    """Ctrl-C while a batch runs (here while clip b is dispatched, clip a still running): the interrupt is raised and
+    the clip in flight is not written."""
+    names = "abc"
+    clips = [_clip(tmp_path, name) for name in names]
+    real_clip = decompose.start_clip
+
+    def start_clip(clip, *a, **k):
+        name = os.path.basename(os.path.dirname(clip.video))
+        if name == "b":
+            raise KeyboardInterrupt
+        finish = real_clip(clip, *a, **k)
+
+        def slow():
+            time.sleep(1.0)  # a device still busy with this clip
+            return finish()
+        slow.pending = finish.pending
+        return slow
+
+    monkeypatch.setattr(decompose, "start_clip", start_clip)
+    args = [x for n, (v, m) in zip(names, clips)
+            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        decompose.main([*args, "--model", "tiny", "--no-compile-cache"])
+    assert time.monotonic() - start < 8
+    assert not any((tmp_path / f"o{n}").exists() for n in names)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_failed_clips_are_not_kept_in_memory(tmp_path, monkeypatch, echo_models):
+    """A long batch whose clips fail (on the device, when their result is taken) holds no earlier clip than the one
+    before: neither the failures' tracebacks nor the chain of stage clocks keep a clip's arrays alive."""
+    from omnijax.omnimatte import decompose as core
+
+    names = "abcd"
+    clips = [_clip(tmp_path, n) for n in names]
+    refs, alive_at = {}, {}
+    real_read, real_start, real_result = decompose.read_inputs, decompose.start_clip, core.PendingLayers.result
+
+    def read(video, masks, max_frames):
+        out = real_read(video, masks, max_frames)
+        refs[os.path.basename(os.path.dirname(video))] = weakref.ref(out[0])
+        return out
+
+    def start_clip(clip, *a, **k):
+        name = os.path.basename(os.path.dirname(clip.video))
+        time.sleep(0.3)  # the clips before the last one are taken by now
+        gc.collect()
+        alive_at[name] = sorted(n for n, r in refs.items() if r() is not None and n < name)
+        return real_start(clip, *a, **k)
+
+    def result(self):
+        real_result(self)
+        raise RuntimeError("device failure (a stand-in)")
+
+    monkeypatch.setattr(decompose, "read_inputs", read)
+    monkeypatch.setattr(decompose, "start_clip", start_clip)
+    monkeypatch.setattr(core.PendingLayers, "result", result)
+    args = [x for n, (v, m) in zip(names, clips)
+            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    assert decompose.main([*args, "--model", "tiny", "--no-compile-cache"]) == 1
+    assert set(alive_at) == set(names)
+    assert all(set(alive_at[n]) <= set(names[max(0, i - 1):i]) for i, n in enumerate(names)), alive_at
 
 
 def test_model_failure_is_reported_without_waiting_for_the_read_ahead(tmp_path, monkeypatch):

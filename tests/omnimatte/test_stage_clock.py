@@ -65,3 +65,19 @@ def test_a_clock_after_another_times_its_first_stage_from_the_others_end():
     assert first["postprocess"] == pytest.approx(0.2, abs=0.08)
     assert second["encoders"] == pytest.approx(0.1, abs=0.08)
     assert second["sampler"] == pytest.approx(0.2, abs=0.08)
+
+
+def test_a_stage_ready_before_the_previous_clips_end_takes_no_time():
+    # Clip 2's first stage needs no device work (cached embeddings): ready at 0.05 s while clip 1 runs until 0.4 s.
+    # It took no time of its own, and its second stage is timed from clip 1's end, not from 0.05 s.
+    t0 = time.perf_counter()
+    first, second = {}, {}
+    clock1 = StageClock(first)
+    clock1.mark("postprocess", Pending(t0 + 0.4))
+    clock2 = StageClock(second, after=clock1)
+    clock2.mark("encoders", Pending(t0 + 0.05))
+    clock2.mark("vae_encode", Pending(t0 + 0.5))
+    clock2.close()
+    clock1.close()
+    assert second["encoders"] == 0.0
+    assert second["vae_encode"] == pytest.approx(0.1, abs=0.06)
