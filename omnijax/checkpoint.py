@@ -9,15 +9,16 @@ complete or absent. `load_pretrained` restores straight into the model's abstrac
 (pass {param path: Sharding}); no full host copy is needed.
 
 Unsharded loads (no `shardings`, one process) of the layout `save_pretrained` writes (OCDBT) skip orbax's restore:
-tensorstore reads every array into host memory on its own threads, started before the abstract model is built
+tensorstore reads the arrays into host memory on its own threads, started before the abstract model is built
 (Python) so the two overlap, and the arrays go to the device in a few batched `jax.device_put` calls instead of
-one per array (`_HostRead`). The values and dtypes are orbax's: the same stored bytes, and tensorstore's own cast
-where the stored dtype differs from the model's (orbax's read spec casts the same way). Any other layout, and
-every sharded load, goes through orbax.
+one per array (`_HostRead`; a bounded window of reads in flight, so no whole host copy either). The values and
+dtypes are orbax's: the same stored bytes, and tensorstore's own cast where the stored dtype differs from the
+model's (orbax's read spec casts the same way). Any other layout, and every sharded load, goes through orbax.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import os
@@ -150,6 +151,8 @@ def _param_name(path) -> str:
 
 # ------------------------------------------------------------------------------------- unsharded restore, batched
 
+_FIRST_READ_BYTES = 1 << 30  # reads issued before the abstract build, which they overlap
+_READ_BYTES = 256 << 20  # reads in flight after it: tensorstore's buffers are reused instead of fresh memory each
 _PUT_BYTES = 256 << 20  # arrays per jax.device_put call: few calls, yet the first transfers start early
 _ALIGN = 64  # jax's CPU backend takes a numpy buffer aligned to 64 bytes without copying it (device_put aliases it)
 
@@ -165,19 +168,49 @@ def _aligned_empty(shape, dtype) -> np.ndarray:
 class _HostRead:
     """All arrays of an orbax PyTree checkpoint read into host memory by tensorstore, for one device.
 
-    `start` opens every array and issues every read at once (tensorstore's threads decompress and copy; no Python
-    runs per array until `arrays` collects them), into 64-byte-aligned buffers of the stored dtype. `arrays`
-    checks the names and shapes against the model's, casts where the model's dtype differs (tensorstore's cast,
-    as orbax's read spec does) and puts the arrays on the device in batches of ~256 MiB, in order, so that on an
-    accelerator the first transfers run while later arrays are still being read. Host memory holds up to the
-    whole checkpoint at once, as orbax's restore does by default (96 GB in flight).
+    `start` opens every array and issues the first ~1 GiB of reads, in the checkpoint's order, into 64-byte-aligned
+    buffers of the stored dtype; tensorstore's threads decompress and copy them while the caller builds the
+    abstract model (no Python runs per array meanwhile). `arrays` checks the names and shapes against the model's,
+    then takes the reads in order, keeping ~256 MiB in flight, casts where the model's dtype differs
+    (tensorstore's cast, as orbax's read spec does) and puts the arrays on the device in batches of ~256 MiB, so
+    that on an accelerator the transfers run while later arrays are still being read.
+
+    Why bounded: with every read issued at once, tensorstore's buffers were fresh memory (most of the compressed
+    checkpoint at once, probably: it reads files faster than it decompresses them). On the 2-core CPU VM, where
+    fresh memory's first touch is slow, the 1.3B DiT then took 850-960k page faults and 5.7-6.2 s of system time,
+    against 500-700k and mostly 3.4-4.8 s bounded (docs/benchmarks.md, session 9).
+    It also bounds the host memory in use. The issuing stays on the caller's thread: a reading thread waiting on
+    each read had to win the GIL back from the abstract build after every wait, and was no faster (4.3-8.0 s).
 
     Only the layout `save_pretrained` writes is read here: OCDBT, zarr or zarr3, every leaf an array. For any
     other (`start` returns None) the caller restores with orbax.
     """
 
-    def __init__(self, directory: str, stores: dict, reads: dict):
-        self.directory, self._stores, self._reads = directory, stores, reads
+    def __init__(self, directory: str, stores: dict):
+        self.directory, self._stores = directory, stores
+        self._pending = collections.deque(stores.items())  # not yet issued, in the checkpoint's order
+        self._in_flight: collections.deque = collections.deque()  # (name, read future, buffer), in issue order
+        self._bytes = 0
+        self._issue(_FIRST_READ_BYTES)
+
+    def _issue(self, limit: int):
+        """Issues reads in order while fewer than `limit` bytes are in flight (at least one)."""
+        while self._pending and (self._bytes < limit or not self._in_flight):
+            name, store = self._pending.popleft()
+            out = _aligned_empty(store.shape, store.dtype.numpy_dtype)
+            self._in_flight.append((name, ts.array(out).write(store), out))
+            self._bytes += out.nbytes
+
+    def _next(self):
+        """The oldest read once it is done (name, buffer); issues the next ones."""
+        name, fut, out = self._in_flight.popleft()
+        self._bytes -= out.nbytes
+        try:
+            fut.result()
+        except Exception as e:  # tensorstore's own error types
+            raise CheckpointError(f"{self.directory}: cannot read array {name!r}: {e}") from e
+        self._issue(_READ_BYTES)
+        return name, out
 
     @classmethod
     def start(cls, directory: str) -> _HostRead | None:
@@ -202,15 +235,13 @@ class _HostRead:
                 "fill_missing_data_reads": not meta.get("store_array_data_equal_to_fill_value", False)}
         opening = {n: ts.open({**spec, "kvstore": {**kvstore, "path": n}}, context=context, open=True, read=True)
                    for n in names}
-        stores, reads = {}, {}
+        stores = {}
         for n, fut in opening.items():
             try:
-                stores[n] = store = fut.result()
+                stores[n] = fut.result()
             except Exception as e:  # tensorstore's own error types
                 raise CheckpointError(f"{directory}: cannot open array {n!r}: {e}") from e
-            out = _aligned_empty(store.shape, store.dtype.numpy_dtype)
-            reads[n] = (ts.array(out).write(store), out)
-        return cls(directory, stores, reads)
+        return cls(directory, stores)
 
     def arrays(self, targets: Mapping[str, jax.ShapeDtypeStruct], device) -> dict[str, jax.Array]:
         """{name: array on `device`} for every target {name: ShapeDtypeStruct}; every check runs before any put."""
@@ -224,17 +255,14 @@ class _HostRead:
                 f"{missing[:10]}, {len(unexpected)} arrays not in the model {unexpected[:10]}, "
                 f"{len(shapes)} of another shape {shapes[:10]}")
         out, batch, size = {}, [], 0
-        for i, (name, target) in enumerate(targets.items()):
-            fut, x = self._reads.pop(name)
-            try:
-                fut.result()
-            except Exception as e:  # tensorstore's own error types
-                raise CheckpointError(f"{self.directory}: cannot read array {name!r}: {e}") from e
-            if x.dtype != np.dtype(target.dtype):
-                x = ts.cast(ts.array(x), ts.dtype(np.dtype(target.dtype).name)).read().result()
+        for i in range(len(self._stores)):
+            name, x = self._next()
+            dtype = np.dtype(targets[name].dtype)
+            if x.dtype != dtype:
+                x = ts.cast(ts.array(x), ts.dtype(dtype.name)).read().result()
             batch.append((name, x))
             size += x.nbytes
-            if size >= _PUT_BYTES or i == len(targets) - 1:
+            if size >= _PUT_BYTES or i == len(self._stores) - 1:
                 names, xs = zip(*batch)
                 out.update(zip(names, jax.device_put(list(xs), device)))
                 batch, size = [], 0

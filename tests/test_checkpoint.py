@@ -45,9 +45,15 @@ def _load(path, dtype, *, fast: bool, monkeypatch):
     return model
 
 
-@pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_unsharded_restore_is_orbax_restore(saved, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,window", [("f32", None), ("bf16", None), ("bf16", 4096)])
+def test_unsharded_restore_is_orbax_restore(saved, dtype, window, monkeypatch):
+    """window: bytes of reads in flight and per device_put (the tiny model fits in the default ones; 4 KiB makes
+    the reader wait for earlier reads and put many batches)."""
     path, want = saved
+    if window:
+        monkeypatch.setattr(ckpt, "_FIRST_READ_BYTES", window)
+        monkeypatch.setattr(ckpt, "_READ_BYTES", window)
+        monkeypatch.setattr(ckpt, "_PUT_BYTES", window)
     got = _arrays(_load(path, dtype, fast=True, monkeypatch=monkeypatch))
     ref = _arrays(_load(path, dtype, fast=False, monkeypatch=monkeypatch))
     assert got.keys() == ref.keys() == want.keys()
@@ -122,3 +128,47 @@ def test_a_sharded_load_never_takes_the_host_path(saved, monkeypatch):
     kernel = model.blocks[0].ffn.linear_1.kernel.get_value()
     assert len(kernel.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(kernel), want["blocks.0.ffn.linear_1.kernel"])
+
+
+def test_a_failed_read_raises_instead_of_waiting(saved, monkeypatch):
+    """An error while issuing or waiting for a read reaches the caller, and a load never hangs; a damaged data file
+    is named by its array."""
+    import threading
+
+    path, _ = saved
+
+    def load_in_thread(path):
+        box = {}
+
+        def run():
+            try:
+                registry.load("wan_dit", path, dtype="f32")
+            except BaseException as e:
+                box["error"] = e
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the load hangs"
+        return box.get("error")
+
+    calls = []
+
+    def failing(shape, dtype):
+        calls.append(shape)
+        if len(calls) == 3:
+            raise MemoryError("no room for the third array")
+        return np.empty(shape, dtype)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "_FIRST_READ_BYTES", 1)  # one read at a time: the third is issued after the build
+        m.setattr(ckpt, "_READ_BYTES", 1)
+        m.setattr(ckpt, "_aligned_empty", failing)
+        assert isinstance(load_in_thread(path), MemoryError)
+    damaged = str(saved[0]) + "-damaged"
+    shutil.copytree(path, damaged)
+    data = os.path.join(damaged, "params", "ocdbt.process_0", "d")
+    big = max(os.listdir(data), key=lambda f: os.path.getsize(os.path.join(data, f)))
+    with open(os.path.join(data, big), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(data, big)) // 2)
+    err = load_in_thread(damaged)
+    assert isinstance(err, ckpt.CheckpointError) and "cannot read array 'blocks." in str(err), err
