@@ -215,13 +215,17 @@ def write_tensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mappin
 
 
 def read_lora_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """({key: numpy array}, metadata) of a safetensors file (bf16 stays bf16 via ml_dtypes)."""
+    """({key: numpy array}, metadata) of a safetensors file (bf16 stays bf16 via ml_dtypes).
+
+    Read as numpy: read as jax arrays, every tensor went to the default device only for `np.asarray` to copy it
+    back (on a GPU two transfers and a wait per tensor; the adapters are put on the device once, when filled).
+    """
     from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LoRA file at {path}")
     try:
-        with safe_open(path, framework="flax") as f:
+        with safe_open(path, framework="numpy") as f:
             meta = dict(f.metadata() or {})
             return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}, meta
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file

@@ -67,6 +67,23 @@ def test_expert_with_lora_builds_the_files_expert_without_a_random_init(models, 
         lora_io.expert_with_lora(base, path, mask="B", name="e")
 
 
+def test_reading_a_file_moves_nothing_to_a_device(models, tmp_path):
+    """read_lora_file gives host arrays of the file's dtype and values without a device round trip (a GPU would
+    pay two transfers per tensor); the adapters go to the device once, when the model is filled."""
+    import jax
+
+    _, _, src = models
+    path = str(tmp_path / "lora.safetensors")
+    lora_io.save_lora(path, src)
+    with jax.transfer_guard("disallow_explicit"):
+        tensors, _ = lora_io.read_lora_file(path)
+    want, _ = lora_io.lora_tensors(src)
+    assert tensors.keys() == want.keys()
+    for k, v in tensors.items():
+        assert isinstance(v, np.ndarray) and v.dtype == want[k].dtype == jnp.bfloat16, k
+        assert v.tobytes() == np.asarray(want[k]).tobytes(), k
+
+
 def test_published_key_spellings(models):
     _, _, src = models
     peft = lora_io.lora_keys(src, "peft")
