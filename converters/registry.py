@@ -151,8 +151,9 @@ def load(kind: str, source: str, *, dtype="bf16", param_dtype=None, mesh: jax.sh
 
     Args:
       dtype, param_dtype: compute and storage dtype (names of DTYPES or dtypes); param_dtype defaults to dtype.
-      mesh, rules: where the parameters live (omnijax.sharding rule set or list). Without a mesh the arrays are
-        left on the default device, uncommitted (jax may move them to where they are used).
+      mesh, rules: where the parameters live (omnijax.sharding rule set or list). Without a mesh the arrays are on
+        the default device: a "tiny" init leaves them uncommitted (jax may move them to where they are used), a
+        converted folder's restore commits them to that device.
       seed: the random init of "tiny" sources.
       config: the tiny model's config instead of the row's (e.g. fewer layers); converted sources bring theirs.
       print_fn: prints the placement table (None: silent).
