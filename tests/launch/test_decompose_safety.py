@@ -60,6 +60,12 @@ def _clip(tmp_path, name="clip", frames=5, h=32, w=48, mask_frames=None, value=2
     return str(d / "video"), str(d / "mask")
 
 
+def _batch_args(tmp_path, names, clips):
+    """--video/--masks/--out of each clip (its output folder tmp_path/o<name>)."""
+    return [x for n, (v, m) in zip(names, clips)
+            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+
+
 def _main(video, masks, out, *extra, tmp_path):
     return decompose.main(["--video", video, "--masks", *masks, "--out", out, "--model", "tiny",
                            "--compile-cache", str(tmp_path / "jaxcache"), "--cache", str(tmp_path / "cond"), *extra])
@@ -313,8 +319,7 @@ def test_batch_reads_one_clip_ahead(tmp_path, monkeypatch, echo_models):
 
     monkeypatch.setattr(decompose, "read_inputs", read)
     monkeypatch.setattr(decompose, "start_clip", start_clip)
-    args = [x for n, (v, m) in zip("abc", clips)
-            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    args = _batch_args(tmp_path, "abc", clips)
     assert decompose.main([*args, "--model", "tiny", "--no-compile-cache"]) == 0
     assert started == [v for v, _ in clips]  # in order, each once
     assert ahead_while_running == [True, True, True]
@@ -359,8 +364,7 @@ def test_batch_dispatches_the_next_clip_while_taking_a_result(tmp_path, monkeypa
         return logged
 
     monkeypatch.setattr(decompose, "start_clip", start_clip)
-    args = [x for n, (v, m) in zip(names, clips)
-            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    args = _batch_args(tmp_path, names, clips)
     assert decompose.main([*args, "--model", "tiny", "--no-compile-cache"]) == 1
     assert next_started == [True, True, True]
     assert max(in_flight) <= decompose.IN_FLIGHT
@@ -389,8 +393,7 @@ def test_interrupt_stops_the_clips_in_flight_from_being_written(tmp_path, monkey
         return slow
 
     monkeypatch.setattr(decompose, "start_clip", start_clip)
-    args = [x for n, (v, m) in zip(names, clips)
-            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    args = _batch_args(tmp_path, names, clips)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         decompose.main([*args, "--model", "tiny", "--no-compile-cache"])
@@ -428,8 +431,7 @@ def test_failed_clips_are_not_kept_in_memory(tmp_path, monkeypatch, echo_models)
     monkeypatch.setattr(decompose, "read_inputs", read)
     monkeypatch.setattr(decompose, "start_clip", start_clip)
     monkeypatch.setattr(core.PendingLayers, "result", result)
-    args = [x for n, (v, m) in zip(names, clips)
-            for x in ("--video", v, "--masks", m, "--out", str(tmp_path / f"o{n}"))]
+    args = _batch_args(tmp_path, names, clips)
     assert decompose.main([*args, "--model", "tiny", "--no-compile-cache"]) == 1
     assert set(alive_at) == set(names)
     assert all(set(alive_at[n]) <= set(names[max(0, i - 1):i]) for i, n in enumerate(names)), alive_at
