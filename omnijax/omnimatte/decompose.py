@@ -429,9 +429,8 @@ def start_decompose(decomposer: Decomposer, video, object_masks, settings: Sampl
         background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings, clock=clock)
         layers = _layers_at(video, background, alphas, size=(h, w), frames=n)
         clock.mark("postprocess", layers)
-        # The copy back is queued now, right behind this clip's work: a copy asked for later (device_get in
-        # result()) waited for the programs dispatched in between, the whole next clip of a batch (measured on
-        # the H200, docs/benchmarks.md, session 9).
+        # The copy back is queued now, right behind this clip's work, so that it never waits behind programs
+        # dispatched later (the next clip of a batch) when result() asks for it.
         for leaf in jax.tree.leaves(layers):
             leaf.copy_to_host_async()
     except BaseException:
