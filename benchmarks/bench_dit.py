@@ -20,7 +20,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from benchmarks.common import H100_BF16_PEAK, emit, jax_peak_gb, time_jax, time_torch, wan_forward_flops  # noqa: E402
 from converters import load_wan_dit  # noqa: E402
@@ -200,9 +199,7 @@ def speed(res, ref, sd, cfg, dims, dev, speed_grid, small, backends, profile=Fal
             row["profile"] = profile_kernels(lambda fwd=fwd: fwd(*args), 2, tempfile.mkdtemp(prefix="dit-"),
                                              top=80 if dump_hlo else 25)
         if dump_hlo and os.environ.get("OUT"):
-            graphdef, state = nnx.split(m16)
-            text = jax.jit(lambda s, *a, g=graphdef, b=backend: nnx.merge(g, s)(*a, attention_backend=b)).lower(
-                state, *args).compile().as_text()
+            text = fwd.lower(*args).compile().as_text()
             with open(os.path.join(os.environ["OUT"], f"bench_dit_{backend}.hlo.txt"), "w") as f:
                 f.write(text)
         res[f"backend_{backend}"] = row

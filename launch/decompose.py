@@ -555,7 +555,7 @@ def _load_and_run(args, ready: list[Clip], failed: list, height: int, cache_dir,
                 after = finish.pending
                 taken.append(threading.Event())
                 pending.append((clip, writer.submit(finish_and_publish, clip, finish, taken[-1])))
-                del finish
+                del finish  # its closure holds the clip's frames: not while waiting for the next one
         except BaseException:
             stop.set()
             writer.shutdown(wait=False, cancel_futures=True)

@@ -103,9 +103,9 @@ def load_pretrained(directory: str, *, kind: str | None = None, model_cls=None, 
         before the header named them need them, see converters.registry.load).
       dtype: compute dtype. param_dtype: storage dtype of the non-f32-island params.
       shardings: optional {param path: jax.sharding.Sharding}, or a function of the abstract model returning
-        one; restored arrays are read straight into their shards (orbax). Without it (one process), every
-        array is read whole into host memory while the abstract model is built and then put on the first device
-        (module docstring); the arrays are committed to that device either way.
+        one; restored arrays are read straight into their shards (orbax). Without it (one process), tensorstore
+        reads the arrays into host memory (the first ~1 GiB while the abstract model is built, then a bounded
+        window) and they are put on the first device in batches (`_HostRead`); committed to it either way.
     Raises:
       CheckpointError: the checkpoint's arrays do not match the model's parameters (missing or unexpected
         names, other shapes; the error lists them).

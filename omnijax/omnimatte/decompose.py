@@ -64,10 +64,16 @@ class ExpertPair(nnx.Module):
 
 
 def jit_module_fn(module: nnx.Module, fn: Callable, **jit_kw) -> Callable:
-    """jit(fn(module, *args)) with the module's arrays passed as an argument (not baked in as constants)."""
+    """jit(fn(module, *args)) with the module's arrays passed as an argument (not baked in as constants).
+    The returned callable's `.lower(*args)` lowers the same program (e.g. to read its optimised HLO)."""
     graphdef, state = nnx.split(module)
     f = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a), **jit_kw)
-    return lambda *a: f(state, *a)
+
+    def call(*a):
+        return f(state, *a)
+
+    call.lower = lambda *a: f.lower(state, *a)
+    return call
 
 
 def sampler_passes(object_masks) -> np.ndarray:
