@@ -188,12 +188,18 @@ class Head(nnx.Module):
         return self.head((self.norm(x.astype(F32)) * (1 + scale) + shift).astype(self.dtype))
 
 
+def gelu_erf(x):
+    """GELU with the exact erf (torch's nn.GELU()). One function object for every model, so that the graphdefs of
+    two separately built models compare equal (a fresh functools.partial per model would not)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
 class ImageEmbedding(nnx.Module):
     """CLIP features [B, 257, 1280] -> [B, 257, D]: LN -> Linear -> GELU(erf) -> Linear -> LN."""
 
     def __init__(self, cfg: WanConfig, *, dtype, param_dtype, rngs):
         self.norm1 = LayerNorm(cfg.image_dim, eps=1e-5)
-        self.mlp = MLP(cfg.image_dim, cfg.image_dim, cfg.dim, partial(jax.nn.gelu, approximate=False),
+        self.mlp = MLP(cfg.image_dim, cfg.image_dim, cfg.dim, gelu_erf,
                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = LayerNorm(cfg.dim, eps=1e-5)
 

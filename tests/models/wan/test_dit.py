@@ -87,3 +87,12 @@ def test_full_size_param_count_matches_diffusers(name):
                                      jnp.zeros((1, 257, 1280)) if cfg.is_i2v else None,
                                      jnp.zeros((1, 21, 60, 104, 20)) if cfg.is_i2v else None), abstract)
     assert out.shape == (1, 21, 60, 104, 16) and out.dtype == jnp.bfloat16
+
+
+def test_separately_built_models_have_equal_graphdefs():
+    """Two builds of one config have equal graphdefs (what Decomposer.set_experts checks before reusing its
+    compiled sampler): no per-build object (a fresh functools.partial compares by identity) among the static
+    attributes."""
+    cfg = variant("tiny-inp", num_layers=2)
+    a, b = (nnx.eval_shape(lambda s=s: WanDiT(cfg, rngs=nnx.Rngs(s))) for s in (0, 1))
+    assert nnx.split(a)[0] == nnx.split(b)[0]
