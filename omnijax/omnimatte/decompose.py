@@ -214,7 +214,7 @@ class Decomposer:
 
         text = pad_text_context(self.conditioner.text([first_frame_prompt]))
         clip = self.conditioner.image(np.asarray(video[:1]) * 2.0 - 1.0)
-        return jnp.asarray(text), jnp.asarray(clip)
+        return jax.device_put(text), jax.device_put(clip)  # copies only (jnp.asarray compiles a program)
 
     def __call__(self, video, object_masks, settings: SamplerSettings = SamplerSettings(), *, prompt: str = "",
                  timings: dict | None = None, clock: StageClock | None = None):

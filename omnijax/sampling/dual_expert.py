@@ -98,11 +98,18 @@ def make_sampler(effect_fn: Callable, quality_fn: Callable, *, donate_state: boo
     def call(z_init, sigmas, switch_index, cond=None, windows=None):
         # Fixed dtypes for the schedule arguments: a Python int (weakly typed) and an int32 array would
         # otherwise be two different signatures and compile twice.
-        return jitted(z_init, jnp.asarray(sigmas, jnp.float32), jnp.asarray(switch_index, jnp.int32), cond,
-                      windows=windows)
+        return jitted(z_init, _as(sigmas, np.float32), _as(switch_index, np.int32), cond, windows=windows)
 
     call.jitted = jitted  # exposes the compile cache (e.g. `_cache_size()`) to tests
     return call
+
+
+def _as(x, dtype):
+    """x as a device array of `dtype`: host values cast on the host and copied (a cast on the device would be one
+    more program for a new process to compile or load)."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == dtype else x.astype(dtype)
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def _with_cond(expert, cond, state, sigma):

@@ -167,3 +167,16 @@ def test_bad_inputs():
         sample(effect, quality, _init(5), sigmas[:1], 0)
     with pytest.raises(ValueError, match="velocity shape"):
         sample(lambda s, g: jax.tree.map(lambda v: v[:, :1], s), quality, _init(5), sigmas, 2)
+
+
+def test_host_schedule_arguments_compile_only_the_sampler():
+    """numpy sigmas and a numpy switch index are cast on the host: a new process compiles (or loads) the sampler's
+    program and no cast programs beside it."""
+    from omnijax.compile_cache import CompileClock
+
+    run = make_sampler(lambda s, g, c: effect(s, g), lambda s, g, c: quality(s, g))
+    z, sigmas = jax.block_until_ready(_init(5, seed=4)), inference_sigmas(3)  # float64 numpy
+    k = np.int64(switch_index(sigmas, 0.5))
+    clock = CompileClock().start()
+    jax.block_until_ready(run(z, sigmas, k, None))
+    assert clock.totals()["programs"] == 1, clock.programs()
