@@ -109,10 +109,11 @@ def run_cli(argv: list[str], env: dict) -> dict:
     for out in outs:
         with open(os.path.join(out, "report.json")) as f:
             r = json.load(f)
-        reports.append({k: r[k] for k in ("timings_s", "write_files_s", "peak_memory_gb_after_stage",
-                                          "peak_memory_gb_after_load", "load_models_s", "load_split_s", "startup_s",
-                                          "since_start_s", "jax_compile_s", "umt5_loaded", "frames", "size",
-                                          "processing_size", "device")})
+        reports.append({k: r.get(k) for k in ("timings_s", "write_files_s", "peak_memory_gb_after_stage",
+                                              "peak_memory_gb_after_load", "load_models_s", "load_split_s",
+                                              "startup_s", "since_start_s", "jax_compile_s", "jax_compile_by_program_s",
+                                              "programs_compiled_at_dispatch", "umt5_loaded", "frames", "size",
+                                              "processing_size", "device")})
     # What no report sees: the interpreter's start before the CLI's first line, and the exit after its last report.
     outside = wall - max(r["since_start_s"] for r in reports)
     return {"wall_s": round(wall, 2), "clips": len(outs), "wall_per_clip_s": round(wall / len(outs), 2),

@@ -45,7 +45,9 @@ Output layout in --out:
                                  without waiting, so each is the time from the previous stage's result to its
                                  own: omnijax.omnimatte.decompose.StageClock; and each file's writer), start-up
                                  (imports and checks, the backend's start), JAX's tracing / lowering / compiling
-                                 or cache loading so far in the process (jax_compile_s), settings
+                                 or cache loading so far in the process (jax_compile_s; by program, the costliest
+                                 8: jax_compile_by_program_s), the programs this clip's dispatch compiled or
+                                 loaded (programs_compiled_at_dispatch), settings
   preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,
                                  background, at 4 frames; tiles at most 256 pixels wide
 Every file but report.json is written by omnijax/omnimatte/outputs.py.
@@ -417,8 +419,10 @@ def start_clip(clip: Clip, decomposer, args, height: int, shared: dict, inputs=N
     n, h, w, _ = video8.shape
     timings["read"] = time.perf_counter() - t0
     settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
+    compiled_before = COMPILE_CLOCK.totals()["programs"]
     pending = start_decompose(decomposer, video8, masks8, settings, height=height, prompt=args.prompt,
                               timings=timings, after=after)
+    compiled = COMPILE_CLOCK.totals()["programs"] - compiled_before  # compiled or loaded from the cache
 
     def finish():
         layers = pending.result()
@@ -436,6 +440,7 @@ def start_clip(clip: Clip, decomposer, args, height: int, shared: dict, inputs=N
                 recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
                 write_files_s=files_s, peak_memory_gb_after_stage=timings.peak_gb, **shared,
                 since_start_s=round(time.perf_counter() - T_START, 3), jax_compile_s=COMPILE_CLOCK.totals(),
+                programs_compiled_at_dispatch=compiled, jax_compile_by_program_s=COMPILE_CLOCK.programs(top=8),
                 load_split_s=getattr(decomposer, "load_split_s", None),
                 umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
             with open(os.path.join(folder, "report.json"), "w") as f:

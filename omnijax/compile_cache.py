@@ -60,12 +60,14 @@ class CompileClock:
     """Seconds JAX spent tracing, lowering and compiling (or loading from the persistent cache) since `start()`.
 
     `totals()` -> {"trace", "lower", "compile_or_load" (XLA compile, or the cache key, read and load on a hit),
-    "cache_read" (part of compile_or_load), "cache_hits", "cache_misses", "programs"}. Listens to JAX's monitoring
+    "cache_read" (part of compile_or_load), "cache_hits", "cache_misses", "programs"}; `programs()` the same
+    seconds per program name. Listens to JAX's monitoring
     events, so it sees every jit in the process, the library's and the caller's alike.
     """
 
     def __init__(self):
         self._totals: dict[str, float] = {}
+        self._by_program: dict[str, dict[str, float]] = {}
         self._on = False
 
     def start(self) -> CompileClock:
@@ -77,10 +79,13 @@ class CompileClock:
             self._on = True
         return self
 
-    def _duration(self, event: str, seconds: float, **_) -> None:
+    def _duration(self, event: str, seconds: float, *, fun_name: str | None = None, **_) -> None:
         name = _DURATIONS.get(event)
         if name is not None:
             self._totals[name] = self._totals.get(name, 0.0) + seconds
+            if fun_name is not None and name != "cache_read":
+                program = self._by_program.setdefault(fun_name, {})
+                program[name] = program.get(name, 0.0) + seconds
             if name == "compile_or_load":
                 self._totals["programs"] = self._totals.get("programs", 0) + 1
 
@@ -88,6 +93,12 @@ class CompileClock:
         name = _COUNTS.get(event)
         if name is not None:
             self._totals[name] = self._totals.get(name, 0) + 1
+
+    def programs(self, top: int | None = None) -> dict:
+        """{program name: {"trace", "lower", "compile_or_load": seconds}}, the costliest first (`top` of them).
+        Names are JAX's (the jitted function's); programs of one name add up."""
+        rows = sorted(self._by_program.items(), key=lambda kv: -sum(kv[1].values()))[:top]
+        return {name: {k: round(v, 3) for k, v in row.items()} for name, row in rows}
 
     def totals(self) -> dict:
         out = {k: 0.0 for k in ("trace", "lower", "compile_or_load", "cache_read")}

@@ -62,3 +62,35 @@ def test_default_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert compile_cache.default_dir() == os.path.join(str(tmp_path), "home", ".cache", "omnijax", "jax")
+
+
+def test_seconds_by_program():
+    """programs(): each jitted program's trace / lower / compile seconds under its own name, the costliest first;
+    a second call of the same shapes adds nothing, a new shape adds to the same name."""
+    import jax
+    import jax.numpy as jnp
+
+    def omnijax_test_small(a):
+        return a + 1
+
+    def omnijax_test_large(a):
+        for _ in range(60):  # a longer trace and a bigger program
+            a = jnp.tanh(a @ a.T) * 0.5
+        return a
+
+    clock = compile_cache.CompileClock().start()
+    x = jnp.ones((8, 8))
+    jax.block_until_ready(jax.jit(omnijax_test_large)(x))
+    small = jax.jit(omnijax_test_small)
+    small(x)
+    programs = clock.programs()
+    assert set(programs["jit(omnijax_test_small)"]) == {"lower", "compile_or_load"}
+    assert set(programs["omnijax_test_small"]) == {"trace"}  # JAX names a trace by the function, without jit()
+    names = list(programs)
+    assert names.index("jit(omnijax_test_large)") < names.index("jit(omnijax_test_small)")
+    assert list(clock.programs(top=1)) == names[:1]
+    small(x)
+    assert clock.programs()["jit(omnijax_test_small)"] == programs["jit(omnijax_test_small)"]
+    small(jnp.ones((4, 4)))
+    again = clock.programs()["jit(omnijax_test_small)"]
+    assert again["compile_or_load"] > programs["jit(omnijax_test_small)"]["compile_or_load"]
