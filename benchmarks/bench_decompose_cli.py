@@ -104,6 +104,9 @@ def run_cli(argv: list[str], env: dict) -> dict:
     wall = time.perf_counter() - t
     if proc.returncode:
         raise SystemExit(f"decompose failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    for line in proc.stderr.splitlines():  # the CLI's warnings (its progress bars are left out)
+        if "warning" in line.lower():
+            print(f"  cli: {line}", file=sys.stderr)
     outs = [argv[i + 1] for i, a in enumerate(argv) if a == "--out"]
     reports = []
     for out in outs:

@@ -64,10 +64,16 @@ class ExpertPair(nnx.Module):
 
 
 def jit_module_fn(module: nnx.Module, fn: Callable, **jit_kw) -> Callable:
-    """jit(fn(module, *args)) with the module's arrays passed as an argument (not baked in as constants).
+    """jit(fn(module, *args)) with the module's arrays passed as an argument (not baked in as constants), named
+    after `fn` (JAX's logs and report.json's jax_compile_by_program_s name programs so).
     The returned callable's `.lower(*args)` lowers the same program (e.g. to read its optimised HLO)."""
     graphdef, state = nnx.split(module)
-    f = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a), **jit_kw)
+
+    def program(state, *a):
+        return fn(nnx.merge(graphdef, state), *a)
+
+    program.__name__ = program.__qualname__ = getattr(fn, "__name__", "program")
+    f = jax.jit(program, **jit_kw)
 
     def call(*a):
         return f(state, *a)
@@ -181,13 +187,16 @@ class Decomposer:
             return velocity
 
         self._sample = make_sampler(expert("effect"), expert("quality"))
-        # Unit-range video [F, H, W, 3] in, latent [1, T, h, w, 16] out; latent [1, T, h, w, 16] in, [-1, 1] out.
-        self._encode = jit_module_fn(vae, lambda m, v: m.encode(v[None] * 2.0 - 1.0,
-                                                                 frames_per_step=encode_frames_per_step))
+
+        def vae_encode(m, v):  # unit-range video [F, H, W, 3] in, latent [1, T, h, w, 16] out
+            return m.encode(v[None] * 2.0 - 1.0, frames_per_step=encode_frames_per_step)
+
         # Latents [P, T, h, w, 16] and a pass index in, that pass's decoded video [1, F, H, W, 3] in [-1, 1] out: one
         # program for the background and every alpha, fed straight from the sampler's output on the device.
-        self._decode = jit_module_fn(vae, lambda m, z, i: m.decode(jax.lax.dynamic_slice_in_dim(z, i, 1, 0),
-                                                                    frames_per_step=decode_frames_per_step))
+        def vae_decode(m, z, i):
+            return m.decode(jax.lax.dynamic_slice_in_dim(z, i, 1, 0), frames_per_step=decode_frames_per_step)
+
+        self._encode, self._decode = jit_module_fn(vae, vae_encode), jit_module_fn(vae, vae_decode)
         # The glue between the models as a few compiled programs, not dozens of eager ops (each of which a new
         # process traces, and looks up in or adds to the compilation cache). Built per instance, so that each
         # Decomposer traces the module's mask and condition functions as they are when it first runs (a jit of the
