@@ -19,10 +19,10 @@ folder) run in one process: the models are loaded and compiled once; the main th
 clips one after the other (omnijax.omnimatte.decompose.start_decompose) while a writer thread takes each clip's
 result and writes its files, so the device goes from one clip to the next without waiting for the host (at most
 IN_FLIGHT clips dispatched and not yet taken; each holds its layers at the input size on the device until then,
-~1.4 GB at 81x480x832 with one object, so a batch peaks higher than one clip: +0.5 GB measured); a clip that fails
-is reported and the others go on; the exit code is non-zero if any clip failed; an interrupt (Ctrl-C) writes no
-clip that was not yet written. In report.json a clip's first stage is timed from the previous clip's result, and
-its "total" (from its read to its files) overlaps the previous and next clips' work.
+as uint8: 0.23 GB at 81x480x832 with one object, 0.91 GB as float32; a batch peaked 0.5 GB above one clip with
+float layers); a clip that fails is reported and the others go on; the exit code is non-zero if any clip failed;
+an interrupt (Ctrl-C) writes no clip that was not yet written. In report.json a clip's first stage is timed from
+the previous clip's result, and its "total" (from its read to its files) overlaps the previous and next clips' work.
 
 Safety: every argument and file is checked before a model is built (a failing check is one line, exit code 2).
 --out must be a new or empty folder, or an earlier output of this tool (it holds our report.json) replaced only
@@ -421,7 +421,7 @@ def start_clip(clip: Clip, decomposer, args, height: int, shared: dict, inputs=N
     settings = SamplerSettings(steps=args.steps, tau=args.tau, seed=args.seed)
     compiled_before = COMPILE_CLOCK.totals()["programs"]
     pending = start_decompose(decomposer, video8, masks8, settings, height=height, prompt=args.prompt,
-                              timings=timings, after=after)
+                              timings=timings, after=after, uint8=True)  # the files' values, made on the device
     compiled = COMPILE_CLOCK.totals()["programs"] - compiled_before  # compiled or loaded from the cache
 
     def finish():

@@ -340,26 +340,34 @@ def resize(x, size, method="linear"):
     return np.asarray(_resize_jit(x, size=tuple(size), method=method))
 
 
-@functools.partial(jax.jit, static_argnames=("size", "frames"))
-def _layers_at(video, background, alphas, *, size, frames):
+def to_uint8(x):
+    """Traceable: float in [0, 1] -> uint8 round(255 x), clipped; the same values as omnijax.io.video.to_uint8."""
+    return jnp.clip(jnp.round(x.astype(jnp.float32) * 255.0), 0.0, 255.0).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "frames", "uint8"))
+def _layers_at(video, background, alphas, *, size, frames, uint8=False):
     """The layers at the input's `size` and first `frames` frames: background and alphas resized and clipped to
     [0, 1], each object's foreground (eq. 2) and its recomposition PSNR [K], in one compiled program (objects one
-    after another, so the working memory beyond the outputs is one object's)."""
+    after another, so the working memory beyond the outputs is one object's). uint8: the layers as uint8 (the PSNR
+    still of the float layers)."""
+    out = to_uint8 if uint8 else (lambda x: x)
     background, alphas = background[:frames], alphas[:, :frames]
     background = jnp.clip(_resize(background, size), 0.0, 1.0)
 
     def one(alpha):
         alpha = jnp.clip(_resize(alpha, size), 0.0, 1.0)
         fg = recover_foreground(video, alpha, background)
-        return alpha, fg, recomposition_psnr(video, fg, alpha, background)
+        return out(alpha), out(fg), recomposition_psnr(video, fg, alpha, background)
 
     alphas, fgs, psnr = jax.lax.map(one, alphas)
-    return background, alphas, fgs, psnr
+    return out(background), alphas, fgs, psnr
 
 
 @dataclasses.dataclass
 class Layers:
-    """The result of `decompose_video`, at the input's size and frame count (floats in [0, 1]).
+    """The result of `decompose_video`, at the input's size and frame count (floats in [0, 1]; with uint8=True the
+    three layers are uint8, round(255 x)).
 
     background [F, H, W, 3]; alphas [K, F, H, W]; foregrounds [K, F, H, W, 3] (eq. 2);
     psnr: recomposition PSNR (dB) per object of alpha*F + (1-alpha)*B against the input;
@@ -381,7 +389,7 @@ def _unit_float(x) -> np.ndarray:
 
 
 def decompose_video(decomposer: Decomposer, video, object_masks, settings: SamplerSettings = SamplerSettings(), *,
-                    height: int = 480, prompt: str = "", timings: dict | None = None) -> Layers:
+                    height: int = 480, prompt: str = "", timings: dict | None = None, uint8: bool = False) -> Layers:
     """Decomposes a video of any size and frame count into a background and one RGBA layer per object.
 
     Args:
@@ -390,11 +398,13 @@ def decompose_video(decomposer: Decomposer, video, object_masks, settings: Sampl
       object_masks: [K, F, H, W] uint8 (binarised at 240 by the mask preparation), or float in [0, 1].
       settings: sampler steps, tau, seed, multidiffusion layout, mask dilation.
       height: processing height (the width keeps the aspect ratio; both rounded to multiples of 16).
+      uint8: return the layers as uint8, converted on the device (what files are written from: a quarter of the
+        bytes to copy back, and no conversion on the host).
     Returns:
       Layers at the input's size and frame count.
     """
     return start_decompose(decomposer, video, object_masks, settings, height=height, prompt=prompt,
-                           timings=timings).result()
+                           timings=timings, uint8=uint8).result()
 
 
 class PendingLayers:
@@ -417,7 +427,7 @@ class PendingLayers:
 
 def start_decompose(decomposer: Decomposer, video, object_masks, settings: SamplerSettings = SamplerSettings(), *,
                     height: int = 480, prompt: str = "", timings: dict | None = None,
-                    after: PendingLayers | None = None) -> PendingLayers:
+                    after: PendingLayers | None = None, uint8: bool = False) -> PendingLayers:
     """`decompose_video` without waiting: prepares the clip on the host and dispatches its stages, then returns.
 
     A batch dispatches clip i+1 before taking clip i's result, so that the host's work for the next clip (its
@@ -442,7 +452,7 @@ def start_decompose(decomposer: Decomposer, video, object_masks, settings: Sampl
     clock = StageClock(timings, after=None if after is None else after.clock)
     try:
         background, alphas = decomposer(small, small_masks, settings, prompt=prompt, timings=timings, clock=clock)
-        layers = _layers_at(video, background, alphas, size=(h, w), frames=n)
+        layers = _layers_at(video, background, alphas, size=(h, w), frames=n, uint8=uint8)
         clock.mark("postprocess", layers)
         # The copy back is queued now, right behind this clip's work, so that it never waits behind programs
         # dispatched later (the next clip of a batch) when result() asks for it.

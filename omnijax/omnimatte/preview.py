@@ -19,8 +19,8 @@ def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_
     columns `n_frames` evenly spaced frames; tiles scaled down to at most `tile_width` pixels wide.
 
     Args:
-      video: [F, H, W, 3] uint8 or float in [0, 1]; background [F, H, W, 3], alphas [K, F, H, W] and
-        foregrounds [K, F, H, W, 3] float in [0, 1] (only the chosen frames are read).
+      video: [F, H, W, 3], background [F, H, W, 3], alphas [K, F, H, W] and foregrounds [K, F, H, W, 3]: each
+        uint8 or float in [0, 1] (only the chosen frames are read).
     """
     from PIL import Image
 
@@ -45,11 +45,16 @@ def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_
     else:
         label = lambda what, short, i: f"{short} f{i}"
     board = checkerboard(h, w)
+
+    def unit(x):  # one frame as float in [0, 1]
+        x = np.asarray(x)
+        return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+
     rows = [[(label("input", "input", i), tile(video[i])) for i in idx]]
     for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
         rows.append([(label(f"object {k} alpha", f"alpha{k}", i), tile(np.repeat(a[i][..., None], 3, -1)))
                      for i in idx])
         rows.append([(label(f"object {k} layer", f"layer{k}", i),
-                      tile(a[i][..., None] * fg[i] + (1 - a[i][..., None]) * board)) for i in idx])
+                      tile(unit(a[i])[..., None] * unit(fg[i]) + (1 - unit(a[i])[..., None]) * board)) for i in idx])
     rows.append([(label("background", "bg", i), tile(background[i])) for i in idx])
     return labelled_sheet(rows)

@@ -1,8 +1,10 @@
 """The table of expert kinds (impossible combinations refused) and decompose_video around a Decomposer."""
 
+import jax
 import numpy as np
 import pytest
 
+from omnijax.io.video import to_uint8
 from omnijax.omnimatte.decompose import decompose_video, pingpong_indices
 from omnijax.omnimatte.experts import EXPERT_KINDS, ExpertConfig, effect_expert, quality_expert
 
@@ -51,6 +53,13 @@ def test_decompose_video_any_size_and_frame_count():
         want = 10 * np.log10(1.0 / np.mean((comp - v) ** 2))
         assert abs(layers.psnr[k] - want) < 0.05, (layers.psnr[k], want)
     assert pingpong_indices(6, 9).tolist() == [0, 1, 2, 3, 4, 5, 4, 3, 2]
+    # uint8=True (what the CLI writes files from): the same layers converted on the device, as the writers would
+    # convert the floats on the host; the PSNR is the float layers' own.
+    as8 = decompose_video(dec, video, masks, height=32, uint8=True)
+    for name in ("background", "alphas", "foregrounds"):
+        got, want = getattr(as8, name), to_uint8(getattr(layers, name))
+        assert got.dtype == np.uint8 and np.array_equal(got, want), name
+    assert as8.psnr == layers.psnr
     with pytest.raises(ValueError, match="do not match the video"):
         decompose_video(dec, video, masks[:, :5], height=32)
 
@@ -83,3 +92,15 @@ def test_set_experts_reuses_the_compiled_sampler(tmp_path):
     assert np.abs(second.alphas - first.alphas).max() > 1e-6  # the new adapter values are used
     with pytest.raises(ValueError, match="differ in structure"):
         dec.set_experts(quality, effect)
+
+
+def test_device_uint8_matches_the_writers_conversion():
+    """omnijax.omnimatte.decompose.to_uint8 (on the device) gives the values omnijax.io.video.to_uint8 (the
+    writers', on the host) gives, at every rounding boundary: (k + 1/2) / 255 rounds half to even in both."""
+    from omnijax.omnimatte.decompose import to_uint8 as device_uint8
+
+    edges = (np.arange(256, dtype=np.float32) + 0.5) / 255
+    x = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 1), np.linspace(-0.5, 1.5, 4001),
+                        np.random.default_rng(0).random(10_000)]).astype(np.float32)
+    got = np.asarray(jax.jit(device_uint8)(x))
+    assert got.dtype == np.uint8 and np.array_equal(got, to_uint8(x))

@@ -35,3 +35,14 @@ def test_labels_fit_narrow_tiles(monkeypatch):
     labels = [label for row in seen for label, _ in row]
     assert len(labels) == (2 + 2 * k) * 4 and len(set(labels)) == len(labels)
     assert all(len(label) <= w // 6 for label in labels), labels
+
+
+def test_uint8_layers_give_the_float_layers_sheet():
+    """The CLI passes uint8 layers (converted on the device): the sheet is the one of the same values as floats
+    (the layer over the checkerboard composited in float, not in wrapping uint8 arithmetic)."""
+    rng = np.random.default_rng(1)
+    f, h, w, k = 5, 32, 64, 2
+    layers = [rng.integers(0, 256, s, dtype=np.uint8) for s in ((f, h, w, 3), (k, f, h, w), (k, f, h, w, 3),
+                                                                 (f, h, w, 3))]
+    as_float = [x.astype(np.float32) / 255.0 for x in layers]
+    np.testing.assert_array_equal(layer_sheet(*layers), layer_sheet(*as_float))
