@@ -4,6 +4,7 @@ encoder and in runs of frames on parallel encoders, one H.264 file, and every fi
 
   python benchmarks/bench_writers.py                 # 81 frames at 480x832 (CPU only; pin cores with taskset)
   python benchmarks/bench_writers.py --frames 9 --height 48 --width 64   # quick dry run
+  python benchmarks/bench_writers.py --dtypes-only   # every file of a clip from float32 or from uint8 layers
 Prints seconds (and file sizes) as it goes and writes $OUT/bench_writers.json when $OUT is set.
 """
 
@@ -32,6 +33,8 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
+    p.add_argument("--dtypes-only", action="store_true",
+                   help="only write_outputs from float32 against uint8 layers (the CLI's since session 10), alternating")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     shape = (a.frames, a.height, a.width)
@@ -40,6 +43,17 @@ def main(argv=None):
     rgba = np.concatenate([np.rint(fg[0] * 255), np.rint(alpha[0][..., None] * 255)], -1).astype(np.uint8)
     res = {"frames": a.frames, "size": [a.height, a.width], "cpus": usable_cpus(), "webm": {}}
     with tempfile.TemporaryDirectory() as d:
+        if a.dtypes_only:
+            as8 = [np.rint(x * 255).astype(np.uint8) for x in (background, alpha, fg)]
+            for rep in range(3):
+                for name, (b, al, f) in (("float32", (background, alpha, fg)), ("uint8", as8)):
+                    t = time.perf_counter()
+                    files = outputs.write_outputs(tempfile.mkdtemp(dir=d), video, b, al, f, 16)
+                    res.setdefault(f"write_outputs {name}", []).append(
+                        {"s": round(time.perf_counter() - t, 3), "files_s": files})
+                    print(name, rep, res[f"write_outputs {name}"][-1], flush=True)
+            emit("bench_writers", res)
+            return
         for every, workers in RUNS:
             t = time.perf_counter()
             write_rgba_video(f"{d}/a.webm", rgba, 16, keyframe_every=every, workers=workers)
