@@ -34,7 +34,7 @@ def main(argv=None):
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--dtypes-only", action="store_true",
-                   help="only write_outputs from float32 against uint8 layers (the CLI's since session 10), alternating")
+                   help="only write_outputs from float32 against uint8 layers (the CLI's), alternating")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     shape = (a.frames, a.height, a.width)

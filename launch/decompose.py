@@ -46,7 +46,7 @@ Output layout in --out:
                                  own: omnijax.omnimatte.decompose.StageClock; and each file's writer), start-up
                                  (imports and checks, the backend's start), JAX's tracing / lowering / compiling
                                  or cache loading so far in the process (jax_compile_s; by program, the costliest
-                                 8: jax_compile_by_program_s), the programs this clip's dispatch compiled or
+                                 12: jax_compile_by_program_s), the programs this clip's dispatch compiled or
                                  loaded (programs_compiled_at_dispatch), settings
   preview.png                    labelled sheet: input, per object alpha and foreground over a checkerboard,
                                  background, at 4 frames; tiles at most 256 pixels wide
@@ -440,7 +440,7 @@ def start_clip(clip: Clip, decomposer, args, height: int, shared: dict, inputs=N
                 recomposition_psnr_db=layers.psnr, timings_s={k: round(v, 3) for k, v in timings.items()},
                 write_files_s=files_s, peak_memory_gb_after_stage=timings.peak_gb, **shared,
                 since_start_s=round(time.perf_counter() - T_START, 3), jax_compile_s=COMPILE_CLOCK.totals(),
-                programs_compiled_at_dispatch=compiled, jax_compile_by_program_s=COMPILE_CLOCK.programs(top=8),
+                programs_compiled_at_dispatch=compiled, jax_compile_by_program_s=COMPILE_CLOCK.programs(top=12),
                 load_split_s=getattr(decomposer, "load_split_s", None),
                 umt5_loaded=getattr(decomposer, "umt5_loaded", None), device=str(jax.devices()[0].device_kind))
             with open(os.path.join(folder, "report.json"), "w") as f:

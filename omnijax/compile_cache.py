@@ -11,6 +11,7 @@ so a stale or foreign entry is never used; JAX writes each entry atomically.
 from __future__ import annotations
 
 import os
+import threading
 
 import jax
 
@@ -68,6 +69,7 @@ class CompileClock:
     def __init__(self):
         self._totals: dict[str, float] = {}
         self._by_program: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()  # events come from any thread that compiles; reports read from another
         self._on = False
 
     def start(self) -> CompileClock:
@@ -81,10 +83,14 @@ class CompileClock:
 
     def _duration(self, event: str, seconds: float, *, fun_name: str | None = None, **_) -> None:
         name = _DURATIONS.get(event)
-        if name is not None:
+        if name is None:
+            return
+        with self._lock:
             self._totals[name] = self._totals.get(name, 0.0) + seconds
             if fun_name is not None and name != "cache_read":
-                program = self._by_program.setdefault(fun_name, {})
+                # JAX names a trace by the function ("run") and its lowering and compile by the module ("jit(run)").
+                key = fun_name[4:-1] if fun_name.startswith("jit(") and fun_name.endswith(")") else fun_name
+                program = self._by_program.setdefault(key, {})
                 program[name] = program.get(name, 0.0) + seconds
             if name == "compile_or_load":
                 self._totals["programs"] = self._totals.get("programs", 0) + 1
@@ -92,17 +98,21 @@ class CompileClock:
     def _event(self, event: str, **_) -> None:
         name = _COUNTS.get(event)
         if name is not None:
-            self._totals[name] = self._totals.get(name, 0) + 1
+            with self._lock:
+                self._totals[name] = self._totals.get(name, 0) + 1
 
     def programs(self, top: int | None = None) -> dict:
         """{program name: {"trace", "lower", "compile_or_load": seconds}}, the costliest first (`top` of them).
-        Names are JAX's (the jitted function's); programs of one name add up."""
-        rows = sorted(self._by_program.items(), key=lambda kv: -sum(kv[1].values()))[:top]
-        return {name: {k: round(v, 3) for k, v in row.items()} for name, row in rows}
+        Names are the jitted functions' (`run`, `vae_decode`, `<lambda>`); programs of one name add up."""
+        with self._lock:
+            rows = sorted(((n, dict(r)) for n, r in self._by_program.items()), key=lambda kv: -sum(kv[1].values()))
+        return {name: {k: round(v, 3) for k, v in row.items()} for name, row in rows[:top]}
 
     def totals(self) -> dict:
         out = {k: 0.0 for k in ("trace", "lower", "compile_or_load", "cache_read")}
         out |= {"cache_hits": 0, "cache_misses": 0, "programs": 0}
-        for k, v in self._totals.items():
+        with self._lock:
+            totals = dict(self._totals)
+        for k, v in totals.items():
             out[k] = round(v, 3) if isinstance(v, float) else v
         return out

@@ -27,7 +27,8 @@ def write_outputs(folder, video, background, alphas, foregrounds, fps, workers: 
     and cost more than the encoding (80 frames at 480x832, two objects: ~12 s of ~18 s on 2 cores). Returns
     {file name relative to folder: seconds its writer took}; raises the first failure after all writers stopped.
 
-    video: the input clip, uint8 or float in [0, 1] (only the preview reads it); the layers float in [0, 1]."""
+    video: the input clip, uint8 or float in [0, 1] (only the preview reads it); the layers uint8 (the CLI's) or
+    float in [0, 1]."""
     workers = workers or min(16, usable_cpus())
 
     def rgba(fg, a):  # uint8 RGBA frames, made as the encoder asks for them (3x faster than concatenating floats)

@@ -107,8 +107,8 @@ def make_sampler(effect_fn: Callable, quality_fn: Callable, *, donate_state: boo
 def _as(x, dtype):
     """x as a device array of `dtype`: host values cast on the host and copied (a cast on the device would be one
     more program for a new process to compile or load)."""
-    if isinstance(x, jax.Array):
-        return x if x.dtype == dtype else x.astype(dtype)
+    if isinstance(x, jax.Array):  # (a weakly typed array would be another signature: made strong)
+        return x if x.dtype == dtype and not x.weak_type else jnp.asarray(x, dtype)
     return jax.device_put(np.asarray(x, dtype))
 
 

@@ -54,12 +54,14 @@ def test_decompose_video_any_size_and_frame_count():
         assert abs(layers.psnr[k] - want) < 0.05, (layers.psnr[k], want)
     assert pingpong_indices(6, 9).tolist() == [0, 1, 2, 3, 4, 5, 4, 3, 2]
     # uint8=True (what the CLI writes files from): the same layers converted on the device, as the writers would
-    # convert the floats on the host; the PSNR is the float layers' own.
+    # convert the floats on the host; the PSNR is the float layers' own. (Another compiled program: a float may
+    # differ in its last bit and land on the other side of a rounding edge, so one level is allowed, rarely.)
     as8 = decompose_video(dec, video, masks, height=32, uint8=True)
     for name in ("background", "alphas", "foregrounds"):
         got, want = getattr(as8, name), to_uint8(getattr(layers, name))
-        assert got.dtype == np.uint8 and np.array_equal(got, want), name
-    assert as8.psnr == layers.psnr
+        diff = np.abs(got.astype(int) - want)
+        assert got.dtype == np.uint8 and diff.max() <= 1 and (diff == 0).mean() > 0.999, name
+    assert as8.psnr == pytest.approx(layers.psnr, rel=1e-5)
     with pytest.raises(ValueError, match="do not match the video"):
         decompose_video(dec, video, masks[:, :5], height=32)
 

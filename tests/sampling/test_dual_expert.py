@@ -176,7 +176,12 @@ def test_host_schedule_arguments_compile_only_the_sampler():
 
     run = make_sampler(lambda s, g, c: effect(s, g), lambda s, g, c: quality(s, g))
     z, sigmas = jax.block_until_ready(_init(5, seed=4)), inference_sigmas(3)  # float64 numpy
-    k = np.int64(switch_index(sigmas, 0.5))
+    k, weak = np.int64(switch_index(sigmas, 0.5)), jnp.asarray(1)  # weak: a weakly typed int32 array
+    jax.clear_caches()  # a cast program compiled by an earlier test would otherwise go unseen
     clock = CompileClock().start()
     jax.block_until_ready(run(z, sigmas, k, None))
     assert clock.totals()["programs"] == 1, clock.programs()
+    # A weakly typed switch index is cast (on the device) to the same signature: the sampler is not compiled again.
+    sampler = clock.programs()["run"]
+    jax.block_until_ready(run(z, sigmas, weak, None))
+    assert clock.programs()["run"] == sampler and run.jitted._cache_size() == 1, clock.programs()
