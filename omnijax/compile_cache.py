@@ -62,8 +62,8 @@ class CompileClock:
 
     `totals()` -> {"trace", "lower", "compile_or_load" (XLA compile, or the cache key, read and load on a hit),
     "cache_read" (part of compile_or_load), "cache_hits", "cache_misses", "programs"}; `programs()` the same
-    seconds per program name. Listens to JAX's monitoring
-    events, so it sees every jit in the process, the library's and the caller's alike.
+    seconds per program name. Listens to JAX's monitoring events, so it sees every jit in the process, the
+    library's and the caller's alike.
     """
 
     def __init__(self):

@@ -50,11 +50,14 @@ def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_
         x = np.asarray(x)
         return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
 
+    def over(alpha, fg):  # the layer over the checkerboard
+        return alpha * fg + (1 - alpha) * board
+
     rows = [[(label("input", "input", i), tile(video[i])) for i in idx]]
     for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
         rows.append([(label(f"object {k} alpha", f"alpha{k}", i), tile(np.repeat(a[i][..., None], 3, -1)))
                      for i in idx])
-        rows.append([(label(f"object {k} layer", f"layer{k}", i),
-                      tile(unit(a[i])[..., None] * unit(fg[i]) + (1 - unit(a[i])[..., None]) * board)) for i in idx])
+        rows.append([(label(f"object {k} layer", f"layer{k}", i), tile(over(unit(a[i])[..., None], unit(fg[i]))))
+                     for i in idx])
     rows.append([(label("background", "bg", i), tile(background[i])) for i in idx])
     return labelled_sheet(rows)
