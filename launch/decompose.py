@@ -509,6 +509,9 @@ def _load_and_run(args, ready: list[Clip], failed: list, height: int, cache_dir,
     startup = dict(to_run=round(s - T_START, 3), backend=round(time.perf_counter() - s, 3))
     s = time.perf_counter()
     decomposer = build_decomposer(args)
+    # Later clips whose first frame's CLIP features are not cached need the CLIP program: compiled during the first
+    # clip's sampler run (Decomposer._run_sampler) instead of between two clips while the device waits.
+    decomposer.warm_image_encoder = len(ready) > 1
     shared = dict(load_models_s=round(time.perf_counter() - s, 3), peak_memory_gb_after_load=peak_memory_gb(),
                   compile_cache=cache_dir, startup_s=startup)
     bar.update()

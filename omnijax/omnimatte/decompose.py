@@ -31,6 +31,7 @@ import functools
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -79,7 +80,43 @@ def jit_module_fn(module: nnx.Module, fn: Callable, **jit_kw) -> Callable:
         return f(state, *a)
 
     call.lower = lambda *a: f.lower(state, *a)
+    call.committed = any(isinstance(x, jax.Array) and x.committed for x in jax.tree.leaves(state))
     return call
+
+
+def _abstract(x):
+    """An argument as `jit(...).lower` must see it to build the program a call with `x` looks up: an array committed
+    to a device keeps its sharding (committed arguments are part of a program's key), an uncommitted array or a
+    host value has none; abstract values pass through."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if x.committed else None)
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _committed(tree) -> bool:
+    return any((isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None)
+               or (isinstance(x, jax.Array) and x.committed) for x in jax.tree.leaves(tree))
+
+
+def _compile_outputs(lowered, committed: bool):
+    """Compiles a lowered program; its outputs as abstract values, placed as a call's outputs are: committed to the
+    device when an argument was, else uncommitted. (Not `Compiled.out_info`: it fails on programs with host
+    callbacks.)"""
+    shardings = lowered.compile().output_shardings
+    infos = jax.tree.leaves(lowered.out_info, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return jax.tree.unflatten(lowered.out_tree, [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sh if committed
+                                                                      else None) for o, sh in zip(infos, shardings)])
+
+
+def _compile_ahead(fn, *args, committed: bool = False):
+    """Compiles (or loads from the persistent cache) the program `fn(*args)` runs, without running it, so that the
+    call finds it in jit's caches; `args` may be abstract. Returns the call's abstract outputs (`committed`: the
+    module arrays a `jit_module_fn` passes are)."""
+    return _compile_outputs(fn.lower(*jax.tree.map(_abstract, args)), committed or _committed(args))
 
 
 def sampler_passes(object_masks) -> np.ndarray:
@@ -165,11 +202,16 @@ class Decomposer:
         step with peaks 4.8 / 7.3 / 11.0 GB, docs/benchmarks.md).
       scan_blocks: run the experts' identical blocks as lax.scan loops (omnijax.layers.block_scan): the sampler
         traces and compiles one block per run instead of 60; False unrolls them (same values).
+      warm_image_encoder: also compile the CLIP program while the first clip's sampler runs (see `_run_sampler`),
+        for later clips whose first frame's features are not in the embedding cache (the CLI sets it for batches).
     """
 
     def __init__(self, effect, quality, vae, conditioner, *, attention_backend: str = "auto",
-                 encode_frames_per_step: int = 2, decode_frames_per_step: int = 4, scan_blocks: bool = True):
+                 encode_frames_per_step: int = 2, decode_frames_per_step: int = 4, scan_blocks: bool = True,
+                 warm_image_encoder: bool = False):
         self.vae, self.conditioner = vae, conditioner
+        self.warm_image_encoder = warm_image_encoder
+        self._warmed: set = set()  # the clip shapes whose later stages were compiled during a sampler run
         self.sampler_traces = 0  # times the sampler was traced: a recompile check for callers and tests
         self._graphdef, self._state = nnx.split(ExpertPair(effect, quality))
         dtype = effect.base.dtype
@@ -205,8 +247,13 @@ class Decomposer:
             return _conditions(latent, object_masks, context, clip, seed, select=select, dilation=dilation)
 
         self._conditions = jax.jit(conditions, static_argnames=("select", "dilation"))
-        self._to_unit = jax.jit(lambda v: (v[0] + 1.0) * 0.5)
-        self._to_alpha = jax.jit(lambda v: video_to_alpha(v)[0])
+        def to_unit(v):
+            return (v[0] + 1.0) * 0.5
+
+        def to_alpha(v):
+            return video_to_alpha(v)[0]
+
+        self._to_unit, self._to_alpha = jax.jit(to_unit), jax.jit(to_alpha)
         self._stack = jax.jit(jnp.stack)
 
     def set_experts(self, effect, quality) -> None:
@@ -271,7 +318,8 @@ class Decomposer:
             else:
                 windows = None
             sigmas = inference_sigmas(settings.steps, settings.shift)
-            out = self._sample(z, sigmas, switch_index(sigmas, settings.tau), cond, windows)
+            out = self._run_sampler(z, sigmas, switch_index(sigmas, settings.tau), cond, windows,
+                                    passes=p, frame=(1, hh, ww, 3))
             clock.mark("sampler", out)
 
             # One latent video per decode call: the background and every alpha share one compiled decoder, and the
@@ -290,6 +338,45 @@ class Decomposer:
             clock.close()
         assert alphas.shape[0] == k
         return background, alphas
+
+
+    def _run_sampler(self, z, sigmas, k, cond, windows, *, passes: int, frame: tuple):
+        """Calls the sampler. Its launch holds this thread until the sampler has run on the device (its loops' trip
+        counts are runtime values), and in a new process the later stages' programs were then traced, lowered and
+        loaded while the device waited. So on the first call for a clip's shapes the sampler is compiled first,
+        and a thread compiles the decoder, the reductions after it and (warm_image_encoder) the CLIP program for
+        frames of `frame`'s shape while the sampler runs; this thread waits for it after the sampler."""
+        key = (tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(z)), windows, passes, frame)
+        if key in self._warmed:
+            return self._sample(z, sigmas, k, cond, windows)
+        self._warmed.add(key)
+        out = _compile_outputs(self._sample.lower(z, sigmas, k, cond, windows), _committed((z, cond)))
+        thread = threading.Thread(target=self._warm_later_stages, args=(out, passes, frame), name="omnijax-warm",
+                                  daemon=True)
+        thread.start()
+        try:
+            return self._sample(z, sigmas, k, cond, windows)
+        finally:
+            thread.join()
+
+    def _warm_later_stages(self, out, passes: int, frame: tuple) -> None:
+        """Compiles the programs that run after the sampler on its abstract outputs `out` (see `_run_sampler`). Best
+        effort: a program that fails here is compiled again by its call, which raises its own error."""
+        try:
+            committed = self._decode.committed
+            decoded = [_compile_ahead(self._decode, out[name], np.int32(0), committed=committed)
+                       for name in ("background", "alpha")]
+            _compile_ahead(self._to_unit, decoded[0])
+            alpha = _compile_ahead(self._to_alpha, decoded[1])
+            _compile_ahead(self._stack, (alpha,) * max(passes - 1, 1))
+            encoder = getattr(self.conditioner, "image_encoder", None)
+            if self.warm_image_encoder and encoder is not None:
+                from omnijax.models.wan.clip import compile_encode
+
+                compile_encode(encoder, frame)
+        except Exception as e:  # noqa: BLE001  (see the docstring)
+            warnings.warn(f"compiling the stages after the sampler ahead failed ({type(e).__name__}: {e}); they are "
+                          f"compiled when called", RuntimeWarning, stacklevel=1)
 
 
 def _conditions(latent, object_masks, context, clip, seed, *, select, dilation):

@@ -100,7 +100,13 @@ def make_sampler(effect_fn: Callable, quality_fn: Callable, *, donate_state: boo
         # otherwise be two different signatures and compile twice.
         return jitted(z_init, _as(sigmas, np.float32), _as(switch_index, np.int32), cond, windows=windows)
 
+    def lower(z_init, sigmas, switch_index, cond=None, windows=None):
+        """The program `call` runs for these arguments, lowered; its `.compile()` leaves the program in jit's caches,
+        where the call then finds it."""
+        return jitted.lower(z_init, _as(sigmas, np.float32), _as(switch_index, np.int32), cond, windows=windows)
+
     call.jitted = jitted  # exposes the compile cache (e.g. `_cache_size()`) to tests
+    call.lower = lower
     return call
 
 

@@ -248,7 +248,7 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int = 512, *, clean:
 
 
 @nnx.jit
-def _encode(model, ids, mask):
+def umt5_encode(model, ids, mask):
     return model(ids, mask)
 
 
@@ -261,7 +261,7 @@ def encode_prompts(model: UMT5Encoder, tokenizer, prompts: Sequence[str], max_le
     out = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = tokenize(tokenizer, prompts[start:start + batch_size], max_length, clean=clean)
-        hidden = np.asarray(_encode(model, jnp.asarray(ids), jnp.asarray(mask)))
+        hidden = np.asarray(umt5_encode(model, jnp.asarray(ids), jnp.asarray(mask)))
         out += [h[:n] for h, n in zip(hidden, mask.sum(1))]
     return out
 
