@@ -1,10 +1,13 @@
-"""The decompose CLI's writers on one clip of random layers (the encoders' worst case): the RGBA WebM with one
-encoder and in runs of frames on parallel encoders, one H.264 file, and every file of a clip at once
-(omnijax.omnimatte.outputs.write_outputs) with and without runs.
+"""The decompose CLI's writers on one clip of random layers (the encoders' worst case, and what the random-weight
+models of bench_decompose_cli.py give): the RGBA WebM with one encoder and in runs of frames on parallel encoders,
+one H.264 file, and every file of a clip at once (omnijax.omnimatte.outputs.write_outputs) with and without runs.
+--content example takes the layers of the repository's example clip instead (data/example_clip.py: smooth shapes,
+shadows and a textured background, as a trained model's layers are).
 
   python benchmarks/bench_writers.py                 # 81 frames at 480x832 (CPU only; pin cores with taskset)
   python benchmarks/bench_writers.py --frames 9 --height 48 --width 64   # quick dry run
   python benchmarks/bench_writers.py --dtypes-only   # every file of a clip from float32 or from uint8 layers
+  python benchmarks/bench_writers.py --dtypes-only --content example   # the same for smooth layers
 Prints seconds (and file sizes) as it goes and writes $OUT/bench_writers.json when $OUT is set.
 """
 
@@ -35,13 +38,22 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--dtypes-only", action="store_true",
                    help="only write_outputs from float32 against uint8 layers (the CLI's), alternating")
+    p.add_argument("--content", choices=["random", "example"], default="random",
+                   help="random layers, or the example clip's (one object: its video, background, alpha, foreground)")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     shape = (a.frames, a.height, a.width)
-    fg, alpha = rng.random((1, *shape, 3), dtype=np.float32), rng.random((1, *shape), dtype=np.float32)
-    background, video = rng.random((*shape, 3), dtype=np.float32), rng.random((*shape, 3), dtype=np.float32)
+    if a.content == "example":
+        from data.example_clip import make_example
+
+        clip = make_example(a.frames, a.height, a.width)
+        video, background, alpha = clip["video"], clip["background"], clip["alphas"][:1]
+        fg = video[None]
+    else:
+        fg, alpha = rng.random((1, *shape, 3), dtype=np.float32), rng.random((1, *shape), dtype=np.float32)
+        background, video = rng.random((*shape, 3), dtype=np.float32), rng.random((*shape, 3), dtype=np.float32)
     rgba = np.concatenate([np.rint(fg[0] * 255), np.rint(alpha[0][..., None] * 255)], -1).astype(np.uint8)
-    res = {"frames": a.frames, "size": [a.height, a.width], "cpus": usable_cpus(), "webm": {}}
+    res = {"frames": a.frames, "size": [a.height, a.width], "content": a.content, "cpus": usable_cpus(), "webm": {}}
     with tempfile.TemporaryDirectory() as d:
         if a.dtypes_only:
             as8 = [np.rint(x * 255).astype(np.uint8) for x in (background, alpha, fg)]
