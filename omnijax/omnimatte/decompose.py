@@ -13,8 +13,10 @@ longer than one 81-frame window use temporal multidiffusion (21-latent windows, 
 
 A clip's stages (VAE encode, conditioning, sampler, one decode per video, the layers at the input size) are
 dispatched one after another without waiting for results: the device runs them in order while the host traces,
-lowers or loads the next stage's program (in a fresh process, seconds per stage). `StageClock` times each stage
-from the previous stage's result to its own.
+lowers or loads the next stage's program (in a fresh process, seconds per stage). The sampler's launch is the
+exception (it returns once the sampler has run: its loops' trip counts are runtime values), so on a clip's first
+call the stages after it are compiled on a thread while it runs (`Decomposer._run_sampler`). `StageClock` times
+each stage from the previous stage's result to its own.
 
 `decompose_video` is the whole job on a video of any size and frame count: fit to the processing size (height,
 width a multiple of 16) and to 4k+1 frames (ping-pong), run a `Decomposer`, resize back, recover each object's
