@@ -249,6 +249,7 @@ class Decomposer:
             return _conditions(latent, object_masks, context, clip, seed, select=select, dilation=dilation)
 
         self._conditions = jax.jit(conditions, static_argnames=("select", "dilation"))
+
         def to_unit(v):
             return (v[0] + 1.0) * 0.5
 
@@ -340,7 +341,6 @@ class Decomposer:
             clock.close()
         assert alphas.shape[0] == k
         return background, alphas
-
 
     def _run_sampler(self, z, sigmas, k, cond, windows, *, passes: int, frame: tuple):
         """Calls the sampler. Its launch holds this thread until the sampler has run on the device (its loops' trip
