@@ -166,7 +166,13 @@ def sampled_latents(decomposer, host: dict, *, steps: int, tau: float, seed: int
     from omnijax.omnimatte.decompose import SamplerSettings
 
     seen, decode = [], decomposer._decode
-    decomposer._decode = lambda z, i: (seen.append(np.asarray(z)[int(i)]), decode(z, i))[1]
+
+    def capture(z, i):
+        seen.append(np.asarray(z)[int(i)])
+        return decode(z, i)
+
+    capture.lower, capture.committed = decode.lower, decode.committed  # the Decomposer compiles ahead through these
+    decomposer._decode = capture
     try:
         decomposer(host["video"][0], host["mask"][0][None], SamplerSettings(steps=steps, tau=tau, seed=seed))
     finally:
