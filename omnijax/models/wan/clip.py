@@ -244,21 +244,18 @@ def preprocess_frames(frames, image_size: int = 224):
     return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def clip_encode(graphdef, state, frames):
-    """The CLIP program: a plain jit of the split model (whose `.lower` builds the program its call runs; an
-    `nnx.jit`'s call and its `.lower` build differently named programs, so compiling ahead missed the call)."""
-    model = nnx.merge(graphdef, state)
+@nnx.jit
+def clip_encode(model, frames):
     return model(preprocess_frames(frames, model.config.image_size))
 
 
 def compile_encode(model: CLIPVisionTower, shape: tuple) -> None:
     """Compiles (or loads from the persistent cache) the program `encode_frames` runs on float32 frames of `shape`
     ([B, H, W, 3]), without running it."""
-    clip_encode.lower(*nnx.split(model), jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).compile()
+    clip_encode.lower(model, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).compile()
 
 
 def encode_frames(model: CLIPVisionTower, frames) -> np.ndarray:
     """CLIP features for the DiT: frames [B, H, W, 3] in [-1, 1] -> [B, L, D] (Wan: [B, 257, 1280])."""
     frames = np.asarray(frames, np.float32)  # copied with device_put: jnp.asarray compiles a program for it
-    return np.asarray(clip_encode(*nnx.split(model), jax.device_put(frames)))
+    return np.asarray(clip_encode(model, jax.device_put(frames)))
