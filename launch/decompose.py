@@ -510,7 +510,8 @@ def _load_and_run(args, ready: list[Clip], failed: list, height: int, cache_dir,
     s = time.perf_counter()
     decomposer = build_decomposer(args)
     # Later clips whose first frame's CLIP features are not cached need the CLIP program: compiled during the first
-    # clip's sampler run (Decomposer._run_sampler) instead of between two clips while the device waits.
+    # clip's sampler run (Decomposer._run_sampler) instead of between two clips while the device waits (for clips of
+    # the first clip's processing size; a clip of another size compiles its own when it comes).
     decomposer.warm_image_encoder = len(ready) > 1
     shared = dict(load_models_s=round(time.perf_counter() - s, 3), peak_memory_gb_after_load=peak_memory_gb(),
                   compile_cache=cache_dir, startup_s=startup)

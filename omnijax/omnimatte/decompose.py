@@ -87,15 +87,15 @@ def jit_module_fn(module: nnx.Module, fn: Callable, **jit_kw) -> Callable:
 
 
 def _abstract(x):
-    """An argument as `jit(...).lower` must see it to build the program a call with `x` looks up: an array committed
-    to a device keeps its sharding (committed arguments are part of a program's key), an uncommitted array or a
-    host value has none; abstract values pass through."""
+    """An argument as `jit(...).lower` must see it to build the program a call with `x` looks up: its type as jit
+    sees it (a Python scalar or a weakly typed array is weakly typed: another program than a strong one), and an
+    array committed to a device keeps its sharding (committed arguments are part of a program's key), an
+    uncommitted array or a host value has none; abstract values pass through."""
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
-    if isinstance(x, jax.Array):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if x.committed else None)
-    x = np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    aval = jax.typeof(x)
+    sharding = x.sharding if isinstance(x, jax.Array) and x.committed else None
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding, weak_type=aval.weak_type)
 
 
 def _committed(tree) -> bool:
@@ -105,8 +105,8 @@ def _committed(tree) -> bool:
 
 def _compile_outputs(lowered, committed: bool):
     """Compiles a lowered program; its outputs as abstract values, placed as a call's outputs are: committed to the
-    device when an argument was, else uncommitted. (Not `Compiled.out_info`: it fails on programs with host
-    callbacks.)"""
+    device when an argument was, else uncommitted. Strongly typed (`Lowered.out_info` drops weak types; the
+    Decomposer's programs return none). (Not `Compiled.out_info`: it fails on programs with host callbacks.)"""
     shardings = lowered.compile().output_shardings
     infos = jax.tree.leaves(lowered.out_info, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
     shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -347,19 +347,22 @@ class Decomposer:
         counts are runtime values), and in a new process the later stages' programs were then traced, lowered and
         loaded while the device waited. So on the first call for a clip's shapes the sampler is compiled first,
         and a thread compiles the decoder, the reductions after it and (warm_image_encoder) the CLIP program for
-        frames of `frame`'s shape while the sampler runs; this thread waits for it after the sampler."""
+        frames of `frame`'s shape (this clip's: later clips of its processing size use it) while the sampler runs;
+        this thread waits for it after the sampler."""
         key = (tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(z)), windows, passes, frame)
         if key in self._warmed:
             return self._sample(z, sigmas, k, cond, windows)
-        self._warmed.add(key)
         out = _compile_outputs(self._sample.lower(z, sigmas, k, cond, windows), _committed((z, cond)))
-        thread = threading.Thread(target=self._warm_later_stages, args=(out, passes, frame), name="omnijax-warm",
-                                  daemon=True)
+        # Not a daemon, and joined through Ctrl-C: an interpreter that exits while XLA compiles on another thread
+        # aborts (a C++ exception at shutdown) instead of raising KeyboardInterrupt.
+        thread = threading.Thread(target=self._warm_later_stages, args=(out, passes, frame), name="omnijax-warm")
         thread.start()
         try:
-            return self._sample(z, sigmas, k, cond, windows)
+            result = self._sample(z, sigmas, k, cond, windows)
         finally:
-            thread.join()
+            _join(thread)
+        self._warmed.add(key)  # (after a failure or an interrupt, the next call compiles ahead again)
+        return result
 
     def _warm_later_stages(self, out, passes: int, frame: tuple) -> None:
         """Compiles the programs that run after the sampler on its abstract outputs `out` (see `_run_sampler`). Best
@@ -379,6 +382,18 @@ class Decomposer:
         except Exception as e:  # noqa: BLE001  (see the docstring)
             warnings.warn(f"compiling the stages after the sampler ahead failed ({type(e).__name__}: {e}); they are "
                           f"compiled when called", RuntimeWarning, stacklevel=1)
+
+
+def _join(thread: threading.Thread) -> None:
+    """thread.join(), waited out through KeyboardInterrupt, which is raised once the thread has ended."""
+    interrupted = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt as e:
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def _conditions(latent, object_masks, context, clip, seed, *, select, dilation):

@@ -4,15 +4,17 @@ decoder, the reductions after it and (warm_image_encoder) the CLIP program are t
 a Decomposer that compiles each program when it is called."""
 
 import threading
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import monitoring
 
 from converters import registry
 from omnijax.omnimatte import decompose as decompose_mod
-from omnijax.omnimatte.decompose import Decomposer, SamplerSettings, start_decompose
+from omnijax.omnimatte.decompose import Decomposer, SamplerSettings, _compile_ahead, _join, start_decompose
 from tests.omnimatte.helpers import experts, tiny_base
 
 N, H, W = 9, 32, 64
@@ -21,19 +23,26 @@ LATER = {"vae_decode", "to_unit", "to_alpha", "stack"}  # the decoder, the reduc
 
 
 class Compiles:
-    """(thread name, program name) of every program JAX traces, lowers or compiles while active."""
+    """(thread name, program name) of every program JAX traces, lowers or compiles while active; `steps` the same
+    with the step ("trace", "lower", "compile")."""
+
+    STEPS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+             "/jax/core/compile/backend_compile_duration": "compile"}
 
     def __init__(self):
-        self.seen, self._on = [], False
+        self.seen, self.steps, self._on = [], [], False
         monitoring.register_event_duration_secs_listener(self._record)
 
     def _record(self, event, seconds, *, fun_name=None, **_):
-        if self._on and fun_name and event.endswith(("trace_duration", "mlir_module_duration", "compile_duration")):
+        if self._on and fun_name and event in self.STEPS:
             name = fun_name[4:-1] if fun_name.startswith("jit(") else fun_name
             self.seen.append((threading.current_thread().name, name))
+            self.steps.append((threading.current_thread().name, name, self.STEPS[event]))
 
     def __enter__(self):
         self.seen.clear()
+        self.steps.clear()
         self._on = True
         return self
 
@@ -79,7 +88,11 @@ def test_later_stages_compile_while_the_sampler_runs(compiles, tmp_path, monkeyp
         got = start_decompose(dec, video, masks, SETTINGS, height=32).result()
     assert LATER <= compiles.on("omnijax-warm"), compiles.seen
     assert not LATER & compiles.on("MainThread"), compiles.seen
-    assert dec.sampler_traces == 1  # the sampler compiled ahead is the one its call runs: not traced again
+    # The sampler compiled ahead is the one its call runs: traced, lowered and compiled once, on the calling thread
+    # (a placement that differs from the call's would lower and compile it again without tracing it again).
+    assert dec.sampler_traces == 1
+    assert sorted(step for _, name, step in compiles.steps if name == "run") == ["compile", "lower", "trace"]
+    assert ("MainThread", "run") in compiles.seen and ("omnijax-warm", "run") not in compiles.seen
 
     # The same clip through a Decomposer whose warm-up fails: a warning, and every program compiled when called.
     def fail(*a, **k):
@@ -110,3 +123,41 @@ def test_batch_compiles_clip_during_the_first_sampler_run(compiles, tmp_path, wa
     with compiles:
         start_decompose(dec, *second, SETTINGS, height=32).result()
     assert compiles.on("MainThread") == (set() if warm else {"clip_encode"}), compiles.seen
+
+
+@pytest.mark.parametrize("arg", [0, 1.5, np.int32(0), np.ones(3, np.float32), "weak array", "committed"])
+def test_compile_ahead_builds_the_program_the_call_runs(compiles, arg):
+    """Python scalars and weakly typed arrays are weakly typed to jit (another program than a strong value), and a
+    committed array's placement is part of a program's key: compiled ahead, the call compiles nothing."""
+    if isinstance(arg, str) and arg == "weak array":
+        arg = jnp.asarray(2.0)
+        assert arg.weak_type
+    elif isinstance(arg, str):
+        arg = jax.device_put(np.ones(3, np.float32), jax.devices()[1])
+    f = jax.jit(lambda x: x * 3)
+    _compile_ahead(f, arg)
+    with compiles:
+        f(arg)
+    assert compiles.seen == []
+
+
+def test_join_waits_out_an_interrupt():
+    """A Ctrl-C while the main thread waits for the warm thread is raised only once that thread has ended (an
+    interpreter exiting while XLA compiles on another thread aborts)."""
+
+    class InterruptedOnce(threading.Thread):
+        def __init__(self):
+            super().__init__(target=time.sleep, args=(0.3,))
+            self.joins = 0
+
+        def join(self, timeout=None):
+            self.joins += 1
+            if self.joins == 1:
+                raise KeyboardInterrupt
+            super().join(timeout)
+
+    thread = InterruptedOnce()
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        _join(thread)
+    assert not thread.is_alive() and thread.joins == 2
