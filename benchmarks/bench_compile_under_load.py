@@ -1,4 +1,4 @@
-"""Does a program compiled while the GPU is busy run slower? The 1.3B-era Wan VAE decoder (81x480x832, 4 latent frames
+"""Does a program compiled while the GPU is busy run slower? The Wan2.1 VAE decoder (81x480x832, 4 latent frames
 per step, random weights, bf16) compiled cold, with its convolutions autotuned either on an idle GPU or while another
 thread keeps the GPU busy with matmuls (as the Decomposer now compiles the decoder while the sampler runs), then
 timed warm. One compile per process: run it once per mode, in fresh processes (XLA keeps autotune results in the
