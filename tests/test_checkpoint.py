@@ -3,6 +3,7 @@ what does not fit."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -171,4 +172,7 @@ def test_a_failed_read_raises_instead_of_waiting(saved, monkeypatch):
     with open(os.path.join(data, big), "r+b") as f:
         f.truncate(os.path.getsize(os.path.join(data, big)) // 2)
     err = load_in_thread(damaged)
-    assert isinstance(err, ckpt.CheckpointError) and "cannot read array 'blocks." in str(err), err
+    # Which of the arrays in the lost half is reported depends on which concurrent read fails first (a block's
+    # kernel, or e.g. condition.text_embedding's, stored in the same file): any of the model's arrays, by name.
+    named = re.search(r"cannot read array '([^']+)'", str(err)) if isinstance(err, ckpt.CheckpointError) else None
+    assert named is not None and named.group(1) in saved[1], err
