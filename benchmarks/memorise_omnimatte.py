@@ -171,7 +171,7 @@ def sampled_latents(decomposer, host: dict, *, steps: int, tau: float, seed: int
         seen.append(np.asarray(z)[int(i)])
         return decode(z, i)
 
-    capture.lower, capture.committed = decode.lower, decode.committed  # the Decomposer compiles ahead through these
+    capture.lower = decode.lower  # the Decomposer compiles ahead through it
     decomposer._decode = capture
     try:
         decomposer(host["video"][0], host["mask"][0][None], SamplerSettings(steps=steps, tau=tau, seed=seed))

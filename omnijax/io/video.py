@@ -255,6 +255,12 @@ def to_uint8(frame) -> np.ndarray:
     raise VideoError(f"frames must be uint8 or float in [0, 1], got {a.dtype}")
 
 
+def to_unit_float(frame) -> np.ndarray:
+    """float32 in [0, 1]: uint8 / 255, floats cast (the inverse of `to_uint8` up to its rounding)."""
+    a = np.asarray(frame)
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32)
+
+
 def _frames(frames: np.ndarray | Iterable, channels: tuple[int, ...]) -> Iterator[np.ndarray]:
     for i, f in enumerate(frames):
         f = to_uint8(f)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from omnijax.io.video import to_unit_float
 from omnijax.omnimatte.alpha import recomposition_psnr, recover_foreground, video_to_alpha
 from omnijax.omnimatte.masks import condition_y, latent_mask, removal_mask
 from omnijax.sampling.dual_expert import make_sampler
@@ -82,7 +83,6 @@ def jit_module_fn(module: nnx.Module, fn: Callable, **jit_kw) -> Callable:
         return f(state, *a)
 
     call.lower = lambda *a: f.lower(state, *a)
-    call.committed = any(isinstance(x, jax.Array) and x.committed for x in jax.tree.leaves(state))
     return call
 
 
@@ -114,11 +114,12 @@ def _compile_outputs(lowered, committed: bool):
                                                                       else None) for o, sh in zip(infos, shardings)])
 
 
-def _compile_ahead(fn, *args, committed: bool = False):
+def _compile_ahead(fn, *args):
     """Compiles (or loads from the persistent cache) the program `fn(*args)` runs, without running it, so that the
-    call finds it in jit's caches; `args` may be abstract. Returns the call's abstract outputs (`committed`: the
-    module arrays a `jit_module_fn` passes are)."""
-    return _compile_outputs(fn.lower(*jax.tree.map(_abstract, args)), committed or _committed(args))
+    call finds it in jit's caches; `args` may be abstract. Returns the call's abstract outputs, committed when an
+    argument is. (A `jit_module_fn`'s own arrays are not looked at: in the Decomposer the decoder's latents come
+    from its VAE's encoder, so they are committed whenever the VAE's arrays are.)"""
+    return _compile_outputs(fn.lower(*jax.tree.map(_abstract, args)), _committed(args))
 
 
 def sampler_passes(object_masks) -> np.ndarray:
@@ -368,11 +369,10 @@ class Decomposer:
         """Compiles the programs that run after the sampler on its abstract outputs `out` (see `_run_sampler`). Best
         effort: a program that fails here is compiled again by its call, which raises its own error."""
         try:
-            committed = self._decode.committed
-            decoded = [_compile_ahead(self._decode, out[name], np.int32(0), committed=committed)
-                       for name in ("background", "alpha")]
-            _compile_ahead(self._to_unit, decoded[0])
-            alpha = _compile_ahead(self._to_alpha, decoded[1])
+            # One decoder program for the background and the alphas (the sampler returns both latents in one shape).
+            decoded = _compile_ahead(self._decode, out["background"], np.int32(0))
+            _compile_ahead(self._to_unit, decoded)
+            alpha = _compile_ahead(self._to_alpha, decoded)
             _compile_ahead(self._stack, (alpha,) * max(passes - 1, 1))
             encoder = getattr(self.conditioner, "image_encoder", None)
             if self.warm_image_encoder and encoder is not None:
@@ -487,11 +487,6 @@ class Layers:
     timings: dict
 
 
-def _unit_float(x) -> np.ndarray:
-    x = np.asarray(x)
-    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-
-
 def decompose_video(decomposer: Decomposer, video, object_masks, settings: SamplerSettings = SamplerSettings(), *,
                     height: int = 480, prompt: str = "", timings: dict | None = None, uint8: bool = False) -> Layers:
     """Decomposes a video of any size and frame count into a background and one RGBA layer per object.
@@ -542,7 +537,7 @@ def start_decompose(decomposer: Decomposer, video, object_masks, settings: Sampl
       (StageClock's `after`). Take the results in dispatch order.
     """
     timings = {} if timings is None else timings
-    video, masks = _unit_float(video), _unit_float(object_masks)
+    video, masks = to_unit_float(video), to_unit_float(object_masks)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ValueError(f"video must be [F, H, W, 3], got {video.shape}")
     n, h, w, _ = video.shape

@@ -25,6 +25,7 @@ def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_
     from PIL import Image
 
     from omnijax.diffdecompose.preview import labelled_sheet
+    from omnijax.io.video import to_uint8, to_unit_float
 
     f, h, w, _ = video.shape
     scale = min(1.0, tile_width / w)
@@ -32,8 +33,7 @@ def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_
     idx = np.linspace(0, f - 1, min(n_frames, f)).round().astype(int)
 
     def tile(x):
-        x = np.asarray(x)
-        x8 = x if x.dtype == np.uint8 else np.clip(np.rint(x.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+        x8 = to_uint8(x)
         if (th, tw) != (h, w):
             x8 = np.asarray(Image.fromarray(x8).resize((tw, th), Image.BILINEAR, reducing_gap=2.0))
         return x8.astype(np.float32) / 255.0
@@ -46,18 +46,15 @@ def layer_sheet(video, alphas, foregrounds, background, n_frames: int = 4, tile_
         label = lambda what, short, i: f"{short} f{i}"
     board = checkerboard(h, w)
 
-    def unit(x):  # one frame as float in [0, 1]
-        x = np.asarray(x)
-        return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
-
-    def over(alpha, fg):  # the layer over the checkerboard
-        return alpha * fg + (1 - alpha) * board
+    def over(alpha, fg):  # the layer over the checkerboard (uint8 or float layers, composited in float)
+        alpha = to_unit_float(alpha)[..., None]
+        return alpha * to_unit_float(fg) + (1 - alpha) * board
 
     rows = [[(label("input", "input", i), tile(video[i])) for i in idx]]
     for k, (a, fg) in enumerate(zip(alphas, foregrounds)):
         rows.append([(label(f"object {k} alpha", f"alpha{k}", i), tile(np.repeat(a[i][..., None], 3, -1)))
                      for i in idx])
-        rows.append([(label(f"object {k} layer", f"layer{k}", i), tile(over(unit(a[i])[..., None], unit(fg[i]))))
+        rows.append([(label(f"object {k} layer", f"layer{k}", i), tile(over(a[i], fg[i])))
                      for i in idx])
     rows.append([(label("background", "bg", i), tile(background[i])) for i in idx])
     return labelled_sheet(rows)
